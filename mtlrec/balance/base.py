@@ -1,0 +1,90 @@
+"""The balancer interface and its registry.
+
+A balancer receives the per-task losses of one step (a [T] tensor, still attached to the graph)
+and the model, and leaves the combined gradient in each parameter's ``.grad``; the trainer then
+steps the optimizer. Loss weighting and gradient surgery are the same kind of object, so every
+model works with every balancer.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from typing import Any, ClassVar
+
+import torch
+
+from mtlrec.errors import ConfigError
+from mtlrec.models.base import MTLModel
+
+BALANCERS: dict[str, type[Balancer]] = {}
+
+
+@dataclass
+class BalancerConfig:
+    """Options every balancer accepts (subclasses add their own)."""
+
+
+class Balancer:
+    """Base class. Subclasses implement :meth:`backward`."""
+
+    Config: ClassVar[type[BalancerConfig]] = BalancerConfig
+    name: ClassVar[str] = "base"
+
+    def __init__(self, model: MTLModel, config: BalancerConfig) -> None:
+        self.model = model
+        self.config = config
+        self.num_tasks = model.num_tasks
+
+    def backward(self, losses: torch.Tensor, aux_loss: torch.Tensor | None = None) -> torch.Tensor:
+        """Fill ``.grad`` from ``losses`` [T] (+ a model's auxiliary loss); return the scalar that
+        was back-propagated, for logging."""
+        raise NotImplementedError
+
+    @property
+    def weights(self) -> torch.Tensor | None:
+        """Current task weights, where the method has them (for logs and diagnostics)."""
+        return None
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        pass
+
+
+def register_balancer(name: str):
+    def wrap(cls: type[Balancer]) -> type[Balancer]:
+        if name in BALANCERS:
+            raise ValueError(f"balancer {name!r} registered twice")
+        cls.name = name
+        BALANCERS[name] = cls
+        return cls
+
+    return wrap
+
+
+def build_balancer(name: str, model: MTLModel, options: dict[str, Any] | None = None) -> Balancer:
+    _load_all()
+    if name not in BALANCERS:
+        raise ConfigError(
+            f"unknown balancer {name!r}; choose one of: {', '.join(sorted(BALANCERS))}"
+        )
+    cls = BALANCERS[name]
+    options = dict(options or {})
+    allowed = {f.name for f in fields(cls.Config)}
+    unknown = sorted(set(options) - allowed)
+    if unknown:
+        raise ConfigError(
+            f"unknown key(s) balance.{', balance.'.join(unknown)} for balancer {name!r}"
+            + (f"; allowed: {', '.join(sorted(allowed))}" if allowed else "; it takes no options")
+        )
+    return cls(model, cls.Config(**options))
+
+
+def describe_balancers() -> dict[str, str]:
+    _load_all()
+    return {n: (c.__doc__ or "").strip().splitlines()[0] for n, c in BALANCERS.items()}
+
+
+def _load_all() -> None:
+    from mtlrec.balance import weighting  # noqa: F401

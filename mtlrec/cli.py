@@ -1,0 +1,171 @@
+"""Command line: ``mtlrec train | evaluate | compare | list``.
+
+Errors the user can cause (a bad file, column, key or name) print one line and exit with status 2.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from mtlrec.errors import MTLRecError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
+console = Console()
+err = Console(stderr=True)
+
+
+def _fail(exc: MTLRecError) -> None:
+    err.print(f"[red]error:[/red] {exc}", highlight=False, soft_wrap=True)
+    raise typer.Exit(2)
+
+
+@app.command()
+def train(
+    out: Annotated[Path, typer.Option("--out", "-o", help="Run directory to write")],
+    dataset: Annotated[str | None, typer.Option(help="Registered dataset name")] = None,
+    model: Annotated[str | None, typer.Option(help="Registered model name")] = None,
+    config: Annotated[Path | None, typer.Option(help="YAML config file")] = None,
+    set_: Annotated[
+        list[str] | None, typer.Option("--set", help="Override: section.key=value (repeatable)")
+    ] = None,
+    epochs: Annotated[int | None, typer.Option(help="train.epochs")] = None,
+    max_rows: Annotated[
+        int | None, typer.Option(help="Cap rows per split (dataset.max_rows)")
+    ] = None,
+    seed: Annotated[int | None, typer.Option(help="train.seed")] = None,
+    balance: Annotated[str | None, typer.Option(help="Balancer name (balance.name)")] = None,
+    train_file: Annotated[
+        str | None, typer.Option("--train", help="Your training CSV/Parquet")
+    ] = None,
+    valid_file: Annotated[str | None, typer.Option("--valid", help="Your validation file")] = None,
+    test_file: Annotated[str | None, typer.Option("--test", help="Your test file")] = None,
+    schema: Annotated[str | None, typer.Option(help="Schema YAML for your own files")] = None,
+    resume: Annotated[bool, typer.Option(help="Continue from OUT/checkpoint.pt")] = False,
+    quiet: Annotated[bool, typer.Option(help="No progress bar or per-epoch lines")] = False,
+) -> None:
+    """Train a model, select it on validation, evaluate the test split once."""
+    from mtlrec import config as cfg
+    from mtlrec.train.run import train_run
+
+    try:
+        user = cfg.load_yaml(config) if config else {}
+        overrides: list[dict[str, Any]] = []
+        if train_file or valid_file or schema:
+            files = {"name": "files", "train": train_file, "valid": valid_file, "schema": schema}
+            if test_file:
+                files["test"] = test_file
+            overrides.append({"dataset": files})
+        flags = {
+            ("dataset", "name"): dataset,
+            ("model", "name"): model,
+            ("train", "epochs"): epochs,
+            ("dataset", "max_rows"): max_rows,
+            ("train", "seed"): seed,
+            ("balance", "name"): balance,
+        }
+        for (section, key), value in flags.items():
+            if value is not None:
+                overrides.append({section: {key: value}})
+        overrides += [cfg.parse_override(s) for s in set_ or []]
+        if quiet:
+            overrides.append({"train": {"progress": False}})
+        resolved = cfg.resolve(user, overrides)
+        echo = (lambda *_: None) if quiet else (lambda msg: err.print(msg, highlight=False))
+        metrics = train_run(resolved, out, resume=resume, echo=echo)
+    except MTLRecError as exc:
+        _fail(exc)
+    _print_metrics(metrics, title=f"{resolved['model']['name']} on {resolved['dataset']['name']}")
+    console.print(f"wrote {out / 'metrics.json'}", highlight=False)
+
+
+@app.command()
+def evaluate(
+    run_dir: Annotated[Path, typer.Argument(help="A run directory written by 'mtlrec train'")],
+    data: Annotated[str | None, typer.Option(help="Evaluate on this CSV/Parquet instead")] = None,
+) -> None:
+    """Re-evaluate a finished run on its test split (or on a file), with its saved encoder."""
+    from mtlrec.train.run import evaluate_run
+
+    try:
+        metrics = evaluate_run(run_dir, data)
+    except MTLRecError as exc:
+        _fail(exc)
+    _print_metrics(metrics, title=str(run_dir))
+    print(json.dumps(metrics))
+
+
+@app.command()
+def compare(
+    run_dirs: Annotated[list[Path], typer.Argument(help="Run directories to compare")],
+    split: Annotated[str, typer.Option(help="valid or test")] = "test",
+) -> None:
+    """Per-task metrics of several runs side by side."""
+    table = Table(title=f"{split} metrics")
+    table.add_column("run")
+    rows = []
+    columns: list[str] = []
+    for run in run_dirs:
+        path = run / "metrics.json"
+        if not path.exists():
+            _fail(MTLRecError(f"{path}: not found (is {run} a finished run?)"))
+        metrics = json.loads(path.read_text()).get(split, {})
+        flat = {f"{t} {k}": v for t, m in metrics.items() for k, v in m.items() if k != "rows"}
+        columns += [c for c in flat if c not in columns]
+        rows.append((run.name, flat))
+    for c in columns:
+        table.add_column(c, justify="right")
+    for name, flat in rows:
+        table.add_row(name, *(_fmt(flat.get(c)) for c in columns))
+    console.print(table)
+
+
+@app.command("list")
+def list_(
+    what: Annotated[str, typer.Argument(help="models, datasets or balancers")],
+) -> None:
+    """Print registered names, one per line (a tab and a description follow)."""
+    if what == "models":
+        from mtlrec.models import describe_models as describe
+    elif what == "datasets":
+        from mtlrec.data.datasets import describe_datasets as describe
+    elif what == "balancers":
+        from mtlrec.balance import describe_balancers as describe
+    else:
+        _fail(MTLRecError(f"cannot list {what!r}; choose models, datasets or balancers"))
+    for name, text in describe().items():
+        sys.stdout.write(f"{name}\t{text}\n")
+
+
+def _fmt(value: Any) -> str:
+    return "-" if value is None else f"{value:.4f}" if isinstance(value, float) else str(value)
+
+
+def _print_metrics(metrics: dict[str, Any], title: str) -> None:
+    for split, tasks in metrics.items():
+        if not tasks:
+            continue
+        keys = [k for k in dict.fromkeys(k for m in tasks.values() for k in m) if k != "rows"]
+        table = Table(title=f"{title} — {split}")
+        table.add_column("task")
+        for k in keys + ["rows"]:
+            table.add_column(k, justify="right")
+        for task, m in tasks.items():
+            table.add_row(task, *(_fmt(m.get(k)) for k in keys + ["rows"]))
+        console.print(table)
+
+
+def main() -> None:
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    app()
+
+
+if __name__ == "__main__":
+    main()

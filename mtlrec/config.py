@@ -1,0 +1,177 @@
+"""Run configuration: YAML files mapped onto sections, CLI overrides, errors that name the key.
+
+A run config has four sections::
+
+    dataset: {name: census-income, max_rows: null, ...dataset options}   # or train/valid/test/schema files
+    model:   {name: mmoe, embed_dim: 16, num_experts: 8, ...model options}
+    train:   {epochs: 15, batch_size: 1024, lr: 0.001, ...}               # TrainConfig
+    balance: {name: fixed, ...balancer options}
+
+Resolution order, later wins: built-in defaults < the dataset's preset (``mtlrec/presets``) < the
+user's ``--config`` file < ``--set section.key=value`` and the dedicated flags.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import asdict, dataclass, fields
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from mtlrec.errors import ConfigError
+
+SECTIONS = ("dataset", "model", "train", "balance")
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 10
+    batch_size: int = 1024
+    eval_batch_size: int = 16384
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    patience: int = 3
+    monitor: str = "auc"  # "auc" (mean over binary tasks) or "loss"
+    seed: int = 2024
+    threads: int = 0  # 0: leave torch's default
+    device: str = "cpu"
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        if self.monitor not in ("auc", "loss"):
+            raise ConfigError(f"train.monitor: {self.monitor!r} is not 'auc' or 'loss'")
+        for key in ("epochs", "batch_size", "eval_batch_size"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"train.{key} must be >= 1")
+        if self.lr <= 0:
+            raise ConfigError("train.lr must be > 0")
+
+
+def default_config() -> dict[str, Any]:
+    return {
+        "dataset": {"name": "synthetic-mmoe"},
+        "model": {"name": "mmoe"},
+        "train": asdict(TrainConfig()),
+        "balance": {"name": "fixed"},
+    }
+
+
+def preset(dataset: str | None) -> dict[str, Any]:
+    """The dataset's tuned defaults (``mtlrec/presets/<dataset>.yaml``), if it has one."""
+    if not dataset:
+        return {}
+    ref = resources.files("mtlrec.presets").joinpath(f"{dataset}.yaml")
+    if not ref.is_file():
+        return {}
+    return yaml.safe_load(ref.read_text()) or {}
+
+
+def load_yaml(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read config ({exc.strerror})") from exc
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML ({exc})") from exc
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: a config must be a mapping of sections")
+    check_sections(data, str(path))
+    return data
+
+
+def check_sections(data: dict[str, Any], where: str) -> None:
+    unknown = sorted(set(data) - set(SECTIONS))
+    if unknown:
+        raise ConfigError(
+            f"{where}: unknown config section(s) {', '.join(unknown)}; sections: {', '.join(SECTIONS)}"
+        )
+    for name, section in data.items():
+        if section is not None and not isinstance(section, dict):
+            raise ConfigError(f"{where}: section {name!r} must be a mapping")
+
+
+def merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
+    out = copy.deepcopy(base)
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict) and key != "weights":
+            out[key] = merge(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def parse_override(text: str) -> dict[str, Any]:
+    """``section.key=value`` (value parsed as YAML) -> nested mapping."""
+    if "=" not in text:
+        raise ConfigError(f"--set {text!r}: expected section.key=value")
+    key, raw = text.split("=", 1)
+    parts = key.strip().split(".")
+    if len(parts) < 2 or parts[0] not in SECTIONS or not all(parts):
+        raise ConfigError(
+            f"--set {text!r}: key must start with one of {', '.join(SECTIONS)} (e.g. train.lr=0.01)"
+        )
+    try:
+        value = yaml.safe_load(raw)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"--set {text!r}: cannot parse value ({exc})") from exc
+    nested: dict[str, Any] = {parts[-1]: value}
+    for part in reversed(parts[:-1]):
+        nested = {part: nested}
+    return nested
+
+
+def resolve(
+    user: dict[str, Any] | None = None, overrides: list[dict[str, Any]] | None = None
+) -> dict[str, Any]:
+    """Defaults < dataset preset < user file < overrides. Model-specific preset entries live under
+    ``models: {name: {...}}`` in the preset and are applied for the chosen model only."""
+    user = user or {}
+    layered = merge(default_config(), {})
+    stack = [user, *(overrides or [])]
+    dataset = None
+    model = None
+    for layer in stack:
+        dataset = (layer.get("dataset") or {}).get("name", dataset)
+        model = (layer.get("model") or {}).get("name", model)
+    dataset = dataset or layered["dataset"]["name"]
+    model = model or layered["model"]["name"]
+    p = preset(dataset)
+    per_model = (p.pop("models", None) or {}).get(model, {})
+    check_sections(p, f"preset {dataset}")
+    layered = merge(layered, p)
+    layered = merge(layered, per_model)
+    for layer in stack:
+        layered = merge(layered, layer)
+    return layered
+
+
+def train_config(section: dict[str, Any]) -> TrainConfig:
+    allowed = {f.name: f for f in fields(TrainConfig)}
+    unknown = sorted(set(section) - set(allowed))
+    if unknown:
+        raise ConfigError(
+            f"unknown key(s) train.{', train.'.join(unknown)}; allowed: {', '.join(sorted(allowed))}"
+        )
+    values = {}
+    for key, value in section.items():
+        default = allowed[key].default
+        try:
+            values[key] = type(default)(value) if not isinstance(default, bool) else bool(value)
+        except (TypeError, ValueError) as exc:
+            raise ConfigError(
+                f"train.{key}: expected {type(default).__name__}, got {value!r}"
+            ) from exc
+    return TrainConfig(**values)
+
+
+def split_named(section: dict[str, Any], what: str) -> tuple[str, dict[str, Any]]:
+    """``{name: x, ...options}`` -> (x, options)."""
+    options = dict(section or {})
+    name = options.pop("name", None)
+    if not name:
+        raise ConfigError(f"{what}.name is not set")
+    return str(name), options

@@ -1,0 +1,85 @@
+"""Find a dataset file locally, or download it once into a cache, checking its SHA-256.
+
+Lookup order: ``$MTLREC_DATA_DIR/<folder>/<file>``, then ``$MTLREC_CACHE`` (default
+``~/.cache/mtlrec``)/<folder>/<file>, then the URL (written atomically into the cache).
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import os
+import shutil
+import tempfile
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+from mtlrec.errors import DataError
+
+
+@dataclass(frozen=True)
+class RemoteFile:
+    folder: str
+    name: str
+    url: str | None = None
+    sha256: str | None = None  # of the file as downloaded
+    content_sha256: str | None = None  # of the decompressed content, for .gz files
+
+
+def data_dir() -> Path | None:
+    value = os.environ.get("MTLREC_DATA_DIR")
+    return Path(value).expanduser() if value else None
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("MTLREC_CACHE", Path.home() / ".cache" / "mtlrec")).expanduser()
+
+
+def sha256_of(path: Path, gunzip: bool = False) -> str:
+    digest = hashlib.sha256()
+    with gzip.open(path, "rb") if gunzip else path.open("rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def locate(remote: RemoteFile, verify: bool = False) -> Path:
+    """Return a local path to ``remote``, downloading it into the cache if needed."""
+    candidates = []
+    if data_dir() is not None:
+        candidates.append(data_dir() / remote.folder / remote.name)
+    candidates.append(cache_dir() / remote.folder / remote.name)
+    for path in candidates:
+        if path.is_file():
+            if verify and remote.sha256 and sha256_of(path) != remote.sha256:
+                raise DataError(f"{path}: checksum mismatch (expected sha256 {remote.sha256})")
+            return path
+    if not remote.url:
+        raise DataError(
+            f"{remote.folder}/{remote.name} not found in MTLREC_DATA_DIR ({data_dir()}) or the "
+            f"cache ({cache_dir()}), and it has no public download URL: place the file there"
+        )
+    return download(remote, cache_dir() / remote.folder / remote.name)
+
+
+def download(remote: RemoteFile, target: Path) -> Path:
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.")
+    tmp = Path(tmp_name)
+    try:
+        with os.fdopen(fd, "wb") as out, urllib.request.urlopen(remote.url, timeout=60) as resp:
+            shutil.copyfileobj(resp, out)
+        if remote.sha256 and sha256_of(tmp) != remote.sha256:
+            raise DataError(f"{remote.url}: downloaded file fails its sha256 check")
+        if remote.content_sha256 and sha256_of(tmp, gunzip=True) != remote.content_sha256:
+            raise DataError(f"{remote.url}: decompressed content fails its sha256 check")
+        os.replace(tmp, target)
+    except OSError as exc:
+        raise DataError(
+            f"cannot download {remote.url} ({exc}); set MTLREC_DATA_DIR to a folder holding "
+            f"{remote.folder}/{remote.name}"
+        ) from exc
+    finally:
+        tmp.unlink(missing_ok=True)
+    return target

@@ -1,0 +1,64 @@
+"""Name -> dataset loader. A loader takes ``max_rows``, ``seed`` and its own keyword options."""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import pandas as pd
+
+from mtlrec.errors import ConfigError
+from mtlrec.schema import Schema
+
+
+@dataclass
+class DatasetSplits:
+    schema: Schema
+    train: pd.DataFrame
+    valid: pd.DataFrame
+    test: pd.DataFrame
+    source: str = ""  # where the files came from, for the run log
+
+
+Loader = Callable[..., DatasetSplits]
+DATASETS: dict[str, Loader] = {}
+
+
+def register_dataset(name: str):
+    def wrap(fn: Loader) -> Loader:
+        DATASETS[name] = fn
+        return fn
+
+    return wrap
+
+
+def load_dataset(name: str, *, max_rows: int | None = None, seed: int = 2024, **options: Any):
+    _load_all()
+    if name not in DATASETS:
+        raise ConfigError(f"unknown dataset {name!r}; choose one of: {', '.join(sorted(DATASETS))}")
+    fn = DATASETS[name]
+    params = inspect.signature(fn).parameters
+    allowed = [p for p in params if p not in ("max_rows", "seed")]
+    unknown = sorted(set(options) - set(allowed))
+    if unknown:
+        raise ConfigError(
+            f"unknown key(s) dataset.{', dataset.'.join(unknown)} for dataset {name!r}; "
+            f"allowed: {', '.join(['name', 'max_rows', *allowed])}"
+        )
+    return fn(max_rows=max_rows, seed=seed, **options)
+
+
+def describe_datasets() -> dict[str, str]:
+    _load_all()
+    return {n: (fn.__doc__ or "").strip().splitlines()[0] for n, fn in sorted(DATASETS.items())}
+
+
+def _load_all() -> None:
+    from mtlrec.data.datasets import (  # noqa: F401
+        alibaba,
+        census,
+        files,
+        synthetic,
+    )

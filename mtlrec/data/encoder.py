@@ -1,0 +1,258 @@
+"""Turn raw columns into tensors, with statistics fitted on the training split only.
+
+The fitted state (vocabularies, hash sizes, numeric moments) is plain JSON, saved beside the model,
+so evaluation and serving encode exactly as training did. Values never seen in training go to the
+feature's out-of-vocabulary bucket instead of failing.
+
+Layout of the fused embedding table (one table for every categorical and sequence feature):
+row 0 is padding (zero vector, used by sequences); each feature then owns a contiguous block whose
+first row is its out-of-vocabulary bucket (hashed features use all rows as buckets).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+
+from mtlrec.data.readers import NA_TOKENS, require_columns
+from mtlrec.data.table import TensorTable
+from mtlrec.errors import DataError
+from mtlrec.schema import Feature, Schema
+
+ENCODER_VERSION = 1
+
+
+@dataclass(frozen=True)
+class InputLayout:
+    """What a model needs to know about encoded inputs."""
+
+    vocab_size: int  # rows of the fused embedding table, padding row included
+    num_categorical: int
+    sequence_lengths: tuple[int, ...]
+    num_numeric: int
+    field_offsets: tuple[int, ...]  # first row of each categorical/sequence feature's block
+    field_sizes: tuple[int, ...]
+
+    @property
+    def num_fields(self) -> int:
+        """Embedded fields: categorical plus pooled sequences."""
+        return self.num_categorical + len(self.sequence_lengths)
+
+
+class Encoder:
+    """Fit on training rows, then encode any split (unseen values are safe)."""
+
+    def __init__(self, schema: Schema) -> None:
+        self.schema = schema
+        self.state: dict[str, dict[str, Any]] = {}
+
+    # --- fitting ---------------------------------------------------------------------------------
+    def fit(self, frame: pd.DataFrame, where: str = "train") -> Encoder:
+        require_columns(frame, self.schema.required_columns(), where)
+        if len(frame) == 0:
+            raise DataError(f"{where}: no rows to fit the encoder on")
+        state: dict[str, dict[str, Any]] = {}
+        for feat in self.schema.features:
+            column = frame[feat.source]
+            if feat.type == "numeric":
+                values = _to_float(column, where, feat.source)
+                finite = values[np.isfinite(values)]
+                mean = float(finite.mean()) if finite.size else 0.0
+                std = float(finite.std()) if finite.size else 1.0
+                state[feat.name] = {"mean": mean, "std": std if std > 1e-12 else 1.0}
+            elif feat.hash_buckets:
+                state[feat.name] = {"hash_buckets": int(feat.hash_buckets)}
+            else:
+                tokens = _tokens(column, feat) if feat.type == "sequence" else _as_text(column)
+                counts = tokens.value_counts(sort=False)
+                kept = counts[counts >= feat.min_freq].index
+                vocab = sorted(map(str, kept))
+                state[feat.name] = {"vocab": vocab}
+        self.state = state
+        self._index_cache: dict[str, pd.Index] = {}
+        return self
+
+    @property
+    def fitted(self) -> bool:
+        return bool(self.state)
+
+    def _size(self, feat: Feature) -> int:
+        st = self.state[feat.name]
+        return st["hash_buckets"] if "hash_buckets" in st else len(st["vocab"]) + 1
+
+    def layout(self) -> InputLayout:
+        self._check_fitted()
+        embedded = self.schema.features_of("categorical") + self.schema.features_of("sequence")
+        offsets, sizes, next_row = [], [], 1
+        for feat in embedded:
+            offsets.append(next_row)
+            sizes.append(self._size(feat))
+            next_row += sizes[-1]
+        return InputLayout(
+            vocab_size=next_row,
+            num_categorical=len(self.schema.features_of("categorical")),
+            sequence_lengths=tuple(f.max_len for f in self.schema.features_of("sequence")),
+            num_numeric=len(self.schema.features_of("numeric")),
+            field_offsets=tuple(offsets),
+            field_sizes=tuple(sizes),
+        )
+
+    # --- encoding --------------------------------------------------------------------------------
+    def transform(
+        self, frame: pd.DataFrame, where: str = "data", labels: bool = True
+    ) -> TensorTable:
+        """Encode a frame. With ``labels=False`` (serving) the label columns may be absent."""
+        self._check_fitted()
+        needed = [f.source for f in self.schema.features]
+        if labels:
+            needed += [t.source for t in self.schema.tasks]
+        require_columns(frame, needed, where)
+        layout = self.layout()
+        n = len(frame)
+        embedded = self.schema.features_of("categorical") + self.schema.features_of("sequence")
+        offset_of = dict(zip([f.name for f in embedded], layout.field_offsets))
+
+        cat = np.zeros((n, layout.num_categorical), dtype=np.int64)
+        for j, feat in enumerate(self.schema.features_of("categorical")):
+            cat[:, j] = self._lookup(feat, _as_text(frame[feat.source])) + offset_of[feat.name]
+
+        seq_parts = [
+            self._encode_sequence(feat, frame[feat.source], offset_of[feat.name])
+            for feat in self.schema.features_of("sequence")
+        ]
+        seq = np.concatenate(seq_parts, axis=1) if seq_parts else np.zeros((n, 0), np.int64)
+
+        num = np.zeros((n, layout.num_numeric), dtype=np.float32)
+        for j, feat in enumerate(self.schema.features_of("numeric")):
+            st = self.state[feat.name]
+            values = _to_float(frame[feat.source], where, feat.source)
+            values = np.where(np.isfinite(values), values, st["mean"])
+            num[:, j] = (values - st["mean"]) / st["std"]
+
+        label_arr = self._labels(frame, where) if labels else np.zeros((n, len(self.schema.tasks)))
+        return TensorTable(
+            cat=torch.from_numpy(cat),
+            seq=torch.from_numpy(seq),
+            num=torch.from_numpy(num),
+            labels=torch.from_numpy(label_arr.astype(np.float32)),
+        )
+
+    def _lookup(self, feat: Feature, values: pd.Series) -> np.ndarray:
+        """Local ids: 0 = out of vocabulary, 1..V vocabulary (or hash bucket ids)."""
+        st = self.state[feat.name]
+        if "hash_buckets" in st:
+            hashed = pd.util.hash_array(values.to_numpy(dtype=object), categorize=True)
+            return (hashed % np.uint64(st["hash_buckets"])).astype(np.int64)
+        index = self._index_cache.get(feat.name)
+        if index is None:
+            index = self._index_cache[feat.name] = pd.Index(st["vocab"])
+        return index.get_indexer(values.to_numpy(dtype=object)).astype(np.int64) + 1
+
+    def _encode_sequence(self, feat: Feature, column: pd.Series, offset: int) -> np.ndarray:
+        n = len(column)
+        out = np.zeros((n, feat.max_len), dtype=np.int64)
+        tokens = _tokens(column, feat, keep_position=True)
+        if len(tokens):
+            rows = tokens.index.get_level_values(0).to_numpy()
+            pos = tokens.index.get_level_values(1).to_numpy()
+            keep = pos < feat.max_len
+            ids = self._lookup(feat, tokens[keep]) + offset
+            out[rows[keep], pos[keep]] = ids
+        return out
+
+    def _labels(self, frame: pd.DataFrame, where: str) -> np.ndarray:
+        out = np.zeros((len(frame), len(self.schema.tasks)), dtype=np.float64)
+        for j, task in enumerate(self.schema.tasks):
+            values = _to_float(frame[task.source], where, task.source)
+            bad = ~np.isfinite(values)
+            if task.type == "binary":
+                bad |= (values != 0) & (values != 1)
+            if bad.any():
+                row = int(np.flatnonzero(bad)[0])
+                kind = "0 or 1" if task.type == "binary" else "a finite number"
+                raise DataError(
+                    f"{where}: column {task.source!r} row {row}: label "
+                    f"{frame[task.source].iloc[row]!r} is not {kind} (task {task.name!r})"
+                )
+            out[:, j] = values
+        for j, up in enumerate(self.schema.upstream_index()):
+            if up < 0:
+                continue
+            violation = (out[:, j] != 0) & (out[:, up] == 0)
+            if violation.any():
+                row = int(np.flatnonzero(violation)[0])
+                task = self.schema.tasks[j]
+                raise DataError(
+                    f"{where}: row {row}: task {task.name!r} is positive but the task it depends "
+                    f"on, {task.depends_on!r}, is 0"
+                )
+        return out
+
+    # --- persistence ---------------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        self._check_fitted()
+        return {"version": ENCODER_VERSION, "schema": self.schema.to_dict(), "state": self.state}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Encoder:
+        enc = cls(Schema.from_dict(data["schema"]))
+        enc.state = data["state"]
+        enc._index_cache = {}
+        missing = [f.name for f in enc.schema.features if f.name not in enc.state]
+        if missing:
+            raise DataError(f"encoder: no fitted state for feature(s) {', '.join(missing)}")
+        return enc
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(self.to_dict()))
+
+    @classmethod
+    def load(cls, path: str | Path) -> Encoder:
+        try:
+            data = json.loads(Path(path).read_text())
+        except (OSError, json.JSONDecodeError) as exc:
+            raise DataError(f"{path}: cannot read encoder ({exc})") from exc
+        return cls.from_dict(data)
+
+    def _check_fitted(self) -> None:
+        if not self.state:
+            raise RuntimeError("Encoder.fit() must run before encoding")
+
+
+def _as_text(column: pd.Series) -> pd.Series:
+    if column.dtype == object or pd.api.types.is_string_dtype(column):
+        return column.fillna("").astype(str)
+    return column.astype(str)
+
+
+def _tokens(column: pd.Series, feat: Feature, keep_position: bool = False) -> pd.Series:
+    """Split a multi-value column into one token per row of a long series.
+
+    With ``keep_position`` the index is (row, position within the row)."""
+    text = _as_text(column).reset_index(drop=True)
+    parts = text.str.split(feat.sep, regex=False).explode()
+    parts = parts[parts.notna() & (parts != "")]
+    if not keep_position:
+        return parts.astype(str)
+    rows = parts.index.to_numpy()
+    pos = parts.groupby(level=0).cumcount().to_numpy()
+    return pd.Series(parts.to_numpy(dtype=object), index=pd.MultiIndex.from_arrays([rows, pos]))
+
+
+def _to_float(column: pd.Series, where: str, name: str) -> np.ndarray:
+    """Numbers from a column; NA tokens become NaN, anything else non-numeric is an error."""
+    if pd.api.types.is_numeric_dtype(column):
+        return column.to_numpy(dtype=np.float64, na_value=np.nan)
+    text = column.astype(str).str.strip()
+    values = pd.to_numeric(text, errors="coerce").to_numpy(dtype=np.float64, na_value=np.nan)
+    bad = np.isnan(values) & ~text.isin(NA_TOKENS).to_numpy() & column.notna().to_numpy()
+    if bad.any():
+        row = int(np.flatnonzero(bad)[0])
+        raise DataError(f"{where}: column {name!r} row {row}: {column.iloc[row]!r} is not a number")
+    return values

@@ -1,0 +1,112 @@
+"""Read CSV and Parquet files into pandas frames, with errors that name the file.
+
+Every column is read as text first; the encoder converts it (numbers, labels) and can then name the
+row and column of a bad value. Parquet columns keep their types and are converted the same way.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+
+from mtlrec.errors import DataError
+
+#: Cell values that mean "missing" in a numeric column.
+NA_TOKENS = frozenset({"", "nan", "NaN", "NAN", "NA", "N/A", "null", "NULL", "None", "?"})
+
+
+def read_frame(
+    path: str | Path,
+    *,
+    columns: list[str] | None = None,
+    header: bool = True,
+    names: list[str] | None = None,
+    sep: str = ",",
+    max_rows: int | None = None,
+) -> pd.DataFrame:
+    """Read a CSV (optionally gzip/bz2/xz/zip-compressed) or Parquet file.
+
+    ``columns`` are checked to exist; a missing one raises :class:`DataError` naming it and the
+    file. CSV cells are kept as strings (no NA guessing: ``"NA"`` can be a real category).
+    """
+    path = Path(path)
+    if not path.exists():
+        raise DataError(f"{path}: file not found")
+    suffixes = "".join(path.suffixes).lower()
+    try:
+        if suffixes.endswith((".parquet", ".pq")):
+            frame = _read_parquet(path, columns, max_rows)
+        else:
+            frame = pd.read_csv(
+                path,
+                sep=sep,
+                header=0 if header else None,
+                names=names,
+                dtype=str,
+                keep_default_na=False,
+                skipinitialspace=True,
+                nrows=max_rows,
+                engine="c",
+            )
+    except DataError:
+        raise
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError, EOFError) as exc:
+        raise DataError(f"{path}: malformed file ({_first_line(exc)})") from exc
+    except OSError as exc:  # truncated/corrupt gzip, permission denied, ...
+        raise DataError(f"{path}: cannot read ({_first_line(exc)})") from exc
+    except Exception as exc:  # pyarrow's errors for corrupt Parquet files
+        if type(exc).__module__.startswith("pyarrow"):
+            raise DataError(f"{path}: cannot read Parquet ({_first_line(exc)})") from exc
+        raise
+    frame.columns = [str(c).strip() for c in frame.columns]
+    frame.attrs["source"] = str(path)
+    if columns is not None:
+        require_columns(frame, columns, path)
+    return frame
+
+
+def require_columns(frame: pd.DataFrame, columns: list[str], where: str | Path) -> None:
+    missing = [c for c in columns if c not in frame.columns]
+    if missing:
+        raise DataError(
+            f"{where}: missing column(s) {', '.join(repr(c) for c in missing)}; "
+            f"found {', '.join(list(map(str, frame.columns))[:12])}"
+            + (" ..." if len(frame.columns) > 12 else "")
+        )
+
+
+def _read_parquet(path: Path, columns: list[str] | None, max_rows: int | None) -> pd.DataFrame:
+    import pyarrow.parquet as pq
+
+    pf = pq.ParquetFile(path)
+    present = set(pf.schema_arrow.names)
+    if columns is not None:
+        missing = [c for c in columns if c not in present]
+        if missing:
+            raise DataError(
+                f"{path}: missing column(s) {', '.join(repr(c) for c in missing)}; "
+                f"found {', '.join(sorted(present)[:12])}"
+            )
+        read_cols = [c for c in dict.fromkeys(columns)]
+    else:
+        read_cols = None
+    if max_rows is None:
+        table = pf.read(columns=read_cols)
+    else:
+        batches, count = [], 0
+        for batch in pf.iter_batches(columns=read_cols, batch_size=min(max_rows, 65536)):
+            batches.append(batch)
+            count += batch.num_rows
+            if count >= max_rows:
+                break
+        import pyarrow as pa
+
+        table = pa.Table.from_batches(batches, schema=batches[0].schema if batches else None)
+        table = table.slice(0, max_rows)
+    return table.to_pandas()
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip() or type(exc).__name__
+    return text.splitlines()[0]

@@ -1,0 +1,174 @@
+"""What every multi-task model shares: config, inputs, losses, predictions, parameter groups.
+
+A model is built from ``(schema, layout, config)``. ``forward(batch)`` returns a
+:class:`ModelOutput` with one logit (or regression value) per task. The base class owns the
+per-task losses and the conversion to probabilities, so a model only overrides them where its
+paper says so (ESMM and AITM supervise entire-space probabilities, for instance).
+
+Parameter groups: modules stored in ``self.task_modules`` (one entry per task, schema order)
+belong to that task; every other parameter is shared. Gradient-surgery balancers work on the
+shared ones and leave each task's own parameters with that task's gradient.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mtlrec.data.encoder import InputLayout
+from mtlrec.data.table import TensorTable
+from mtlrec.errors import ConfigError
+from mtlrec.nn.embedding import InputEmbedding
+from mtlrec.schema import Schema
+
+PROB_EPS = 1e-7
+
+
+@dataclass
+class ModelConfig:
+    """Options every model has. Subclasses add their own fields with defaults."""
+
+    embed_dim: int = 16
+    dropout: float = 0.0
+
+
+@dataclass
+class ModelOutput:
+    """``logits``: [B, T], for a dependent task the logit of P(task | upstream positive).
+
+    ``joint``: optional [B, T] entire-space probabilities P(task and all its upstream tasks) for
+    models that predict them directly (AITM); otherwise they are derived by the chain rule.
+    ``aux_loss``: an extra scalar loss the model adds (calibration, distillation, ...).
+    ``extras``: tensors for diagnostics, e.g. ``{"gates": [B, T, E]}``.
+    """
+
+    logits: torch.Tensor
+    joint: torch.Tensor | None = None
+    aux_loss: torch.Tensor | None = None
+    extras: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+class MTLModel(nn.Module):
+    """Base class; subclasses set ``Config`` and implement ``forward``."""
+
+    Config: ClassVar[type[ModelConfig]] = ModelConfig
+    name: ClassVar[str] = "base"
+
+    def __init__(self, schema: Schema, layout: InputLayout, config: ModelConfig) -> None:
+        super().__init__()
+        self.schema = schema
+        self.layout = layout
+        self.config = config
+        self.num_tasks = len(schema.tasks)
+        self.register_buffer(
+            "is_binary", torch.tensor([t.type == "binary" for t in schema.tasks]), persistent=False
+        )
+        upstream = schema.upstream_index()
+        self.register_buffer("upstream", torch.tensor(upstream), persistent=False)
+        self.has_dependency = any(u >= 0 for u in upstream)
+        self.task_modules: nn.ModuleList = nn.ModuleList()
+
+    # --- building blocks -----------------------------------------------------------------------
+    def make_embedding(self) -> InputEmbedding:
+        return InputEmbedding(self.layout, self.config.embed_dim)
+
+    def forward(self, batch: TensorTable) -> ModelOutput:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    # --- losses ----------------------------------------------------------------------------------
+    def observed_mask(self, labels: torch.Tensor) -> torch.Tensor:
+        """[B, T] 1.0 where a task's label is observed: its upstream task is positive."""
+        up = self.upstream.clamp_min(0)
+        return torch.where(self.upstream >= 0, labels[:, up], torch.ones_like(labels))
+
+    def task_losses(self, out: ModelOutput, batch: TensorTable) -> torch.Tensor:
+        """[T] per-task losses: BCE (binary) or MSE (regression) over each task's observed rows."""
+        labels = batch.labels
+        bce = F.binary_cross_entropy_with_logits(out.logits, labels, reduction="none")
+        mse = (out.logits - labels).pow(2)
+        per_row = torch.where(self.is_binary, bce, mse)
+        mask = self.observed_mask(labels)
+        return (per_row * mask).sum(0) / mask.sum(0).clamp_min(1.0)
+
+    def entire_space_losses(self, joint: torch.Tensor, out: ModelOutput, batch: TensorTable):
+        """[T] losses where binary tasks are supervised by their entire-space probability over
+        all rows (ESMM Eq. 4, AITM Eq. 8); a dependent task's label over the entire space is its
+        own column, since a positive implies its upstream is positive (the encoder checks it)."""
+        labels = batch.labels
+        p = joint.clamp(PROB_EPS, 1 - PROB_EPS)
+        bce = F.binary_cross_entropy(p, labels, reduction="none")
+        mse = (out.logits - labels).pow(2)
+        return torch.where(self.is_binary, bce, mse).mean(0)
+
+    # --- predictions -----------------------------------------------------------------------------
+    def predict(self, out: ModelOutput) -> tuple[torch.Tensor, torch.Tensor]:
+        """(conditional, joint) predictions [B, T]: probabilities for binary tasks, values for
+        regression. ``joint`` is P(task and its upstream chain); equal to ``conditional`` for
+        tasks without a dependency."""
+        cond = torch.where(self.is_binary, torch.sigmoid(out.logits), out.logits)
+        if out.joint is not None:
+            return cond, torch.where(self.upstream >= 0, out.joint, cond)
+        return cond, self.chain_joint(cond)
+
+    def chain_joint(self, cond: torch.Tensor) -> torch.Tensor:
+        if not self.has_dependency:
+            return cond
+        cols = list(cond.unbind(1))
+        for t, up in enumerate(self.upstream.tolist()):
+            if up >= 0:
+                cols[t] = cols[t] * cols[up]
+        return torch.stack(cols, 1)
+
+    # --- parameter groups ----------------------------------------------------------------------
+    def task_parameters(self) -> list[list[nn.Parameter]]:
+        if len(self.task_modules) != self.num_tasks:
+            return [[] for _ in range(self.num_tasks)]
+        return [list(m.parameters()) for m in self.task_modules]
+
+    def shared_parameters(self) -> list[nn.Parameter]:
+        own = {id(p) for group in self.task_parameters() for p in group}
+        return [p for p in self.parameters() if id(p) not in own]
+
+    def require_binary_chain(self) -> None:
+        """Cascade models need binary tasks; a regression task cannot be a funnel step."""
+        bad = [t.name for t in self.schema.tasks if t.type != "binary"]
+        if bad:
+            raise ConfigError(f"model {self.name!r} needs binary tasks; {', '.join(bad)} is not")
+
+
+def build_config(kind: type[ModelConfig], values: dict[str, Any], model: str) -> ModelConfig:
+    """Map a config mapping onto the model's dataclass; unknown keys are named in the error."""
+    from dataclasses import fields
+
+    allowed = {f.name: f for f in fields(kind)}
+    unknown = sorted(set(values) - set(allowed))
+    if unknown:
+        raise ConfigError(
+            f"unknown key(s) model.{', model.'.join(unknown)} for model {model!r}; "
+            f"allowed: {', '.join(sorted(allowed))}"
+        )
+    converted = {}
+    for key, value in values.items():
+        default = allowed[key].default
+        if isinstance(default, tuple) and isinstance(value, list | tuple):
+            value = tuple(int(v) for v in value)
+        elif isinstance(default, bool):
+            value = bool(value)
+        elif (
+            isinstance(default, int)
+            and not isinstance(value, bool)
+            and isinstance(value, int | float)
+        ):
+            value = int(value)
+        elif isinstance(default, float) and isinstance(value, int | float):
+            value = float(value)
+        elif type(value) is not type(default) and default is not None:
+            raise ConfigError(
+                f"model.{key}: expected {type(default).__name__}, got {value!r} for model {model!r}"
+            )
+        converted[key] = value
+    return kind(**converted)

@@ -1,0 +1,50 @@
+"""Name -> model class. ``@register`` adds a class; ``build_model`` makes one from config."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from mtlrec.data.encoder import InputLayout
+from mtlrec.errors import ConfigError
+from mtlrec.models.base import MTLModel, build_config
+from mtlrec.schema import Schema
+
+MODELS: dict[str, type[MTLModel]] = {}
+
+
+def register(name: str):
+    def wrap(cls: type[MTLModel]) -> type[MTLModel]:
+        if name in MODELS:
+            raise ValueError(f"model {name!r} registered twice")
+        cls.name = name
+        MODELS[name] = cls
+        return cls
+
+    return wrap
+
+
+def model_class(name: str) -> type[MTLModel]:
+    _load_all()
+    if name not in MODELS:
+        raise ConfigError(f"unknown model {name!r}; choose one of: {', '.join(sorted(MODELS))}")
+    return MODELS[name]
+
+
+def build_model(
+    name: str, schema: Schema, layout: InputLayout, options: dict[str, Any] | None = None
+) -> MTLModel:
+    cls = model_class(name)
+    config = build_config(cls.Config, dict(options or {}), name)
+    return cls(schema, layout, config)
+
+
+def describe_models() -> dict[str, str]:
+    _load_all()
+    return {
+        name: (cls.__doc__ or "").strip().splitlines()[0] for name, cls in sorted(MODELS.items())
+    }
+
+
+def _load_all() -> None:
+    # Importing the modules runs their @register decorators.
+    from mtlrec.models import cascade, experts, hard, independent  # noqa: F401

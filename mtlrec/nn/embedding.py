@@ -1,0 +1,58 @@
+"""One embedding table for every categorical and sequence field.
+
+Indices arrive with field offsets already added (the encoder does it once per split), so a batch
+costs a single embedding lookup for all categorical fields. Sequence fields share the table and are
+mean-pooled over their non-padding positions (row 0 is padding and stays zero).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from mtlrec.data.encoder import InputLayout
+from mtlrec.data.table import TensorTable
+
+
+class InputEmbedding(nn.Module):
+    """Batch -> dense input ``[B, num_fields * embed_dim + num_numeric]``.
+
+    ``fields(batch)`` returns the per-field view ``[B, num_fields, embed_dim]`` (numeric features
+    are kept apart) for models that attend over fields.
+    """
+
+    def __init__(self, layout: InputLayout, embed_dim: int, sparse: bool = False) -> None:
+        super().__init__()
+        self.layout = layout
+        self.embed_dim = embed_dim
+        self.table = nn.Embedding(layout.vocab_size, embed_dim, padding_idx=0, sparse=sparse)
+        nn.init.normal_(self.table.weight, std=0.01)
+        with torch.no_grad():
+            self.table.weight[0].zero_()
+        self.seq_lengths = list(layout.sequence_lengths)
+
+    @property
+    def output_dim(self) -> int:
+        return self.layout.num_fields * self.embed_dim + self.layout.num_numeric
+
+    def fields(self, batch: TensorTable) -> torch.Tensor:
+        parts = [self.table(batch.cat)] if self.layout.num_categorical else []
+        if self.seq_lengths:
+            seq_emb = self.table(batch.seq)  # [B, L, E]
+            mask = (batch.seq != 0).unsqueeze(-1).to(seq_emb.dtype)
+            start = 0
+            for length in self.seq_lengths:
+                e = seq_emb[:, start : start + length]
+                m = mask[:, start : start + length]
+                pooled = (e * m).sum(1) / m.sum(1).clamp_min(1.0)
+                parts.append(pooled.unsqueeze(1))
+                start += length
+        if not parts:
+            return batch.num.new_zeros(batch.num.shape[0], 0, self.embed_dim)
+        return torch.cat(parts, 1) if len(parts) > 1 else parts[0]
+
+    def forward(self, batch: TensorTable) -> torch.Tensor:
+        emb = self.fields(batch).flatten(1)
+        if self.layout.num_numeric:
+            return torch.cat([emb, batch.num], 1)
+        return emb

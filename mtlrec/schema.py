@@ -1,0 +1,200 @@
+"""Feature and task declarations: what the columns of a table mean.
+
+A schema is plain data (dataclasses) with a JSON/YAML round trip, so it can be written beside a
+trained model and read back by ``evaluate``, ``export`` and ``serve`` without the training code.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from mtlrec.errors import ConfigError
+
+FEATURE_TYPES = ("categorical", "numeric", "sequence")
+TASK_TYPES = ("binary", "regression")
+
+
+@dataclass
+class Feature:
+    """One input column.
+
+    ``categorical``: a vocabulary (with an out-of-vocabulary bucket and ``min_freq``), or
+    ``hash_buckets`` > 0 to hash values into that many buckets for huge vocabularies.
+    ``numeric``: standardised with the training mean/std; NaN becomes the training mean.
+    ``sequence``: a multi-value field such as ``"a|b|c"``, split on ``sep``, cut to ``max_len``
+    and mean-pooled over its embeddings.
+    """
+
+    name: str
+    type: str = "categorical"
+    column: str | None = None
+    min_freq: int = 1
+    hash_buckets: int = 0
+    sep: str = "|"
+    max_len: int = 20
+
+    def __post_init__(self) -> None:
+        if self.type not in FEATURE_TYPES:
+            raise ConfigError(
+                f"feature {self.name!r}: type {self.type!r} is not one of {', '.join(FEATURE_TYPES)}"
+            )
+        if self.min_freq < 1:
+            raise ConfigError(f"feature {self.name!r}: min_freq must be >= 1")
+        if self.hash_buckets < 0:
+            raise ConfigError(f"feature {self.name!r}: hash_buckets must be >= 0")
+        if self.max_len < 1:
+            raise ConfigError(f"feature {self.name!r}: max_len must be >= 1")
+
+    @property
+    def source(self) -> str:
+        """The column this feature is read from (defaults to its name)."""
+        return self.column or self.name
+
+
+@dataclass
+class Task:
+    """One prediction target.
+
+    ``depends_on`` names an upstream binary task whose positive rows are the only rows where this
+    task is observed (conversion after click). The label column is read over the entire space;
+    a row with the upstream label 0 is treated as unobserved for the task's own (conditional)
+    loss and metrics, and entire-space ("joint") metrics are reported as well.
+    """
+
+    name: str
+    type: str = "binary"
+    column: str | None = None
+    weight: float = 1.0
+    depends_on: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.type not in TASK_TYPES:
+            raise ConfigError(
+                f"task {self.name!r}: type {self.type!r} is not one of {', '.join(TASK_TYPES)}"
+            )
+
+    @property
+    def source(self) -> str:
+        return self.column or self.name
+
+
+@dataclass
+class Schema:
+    features: list[Feature] = field(default_factory=list)
+    tasks: list[Task] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if not self.tasks:
+            raise ConfigError("schema: at least one task is needed")
+        if not self.features:
+            raise ConfigError("schema: at least one feature is needed")
+        names = [f.name for f in self.features] + [t.name for t in self.tasks]
+        dup = {n for n in names if names.count(n) > 1}
+        if dup:
+            raise ConfigError(f"schema: duplicate feature/task name(s): {', '.join(sorted(dup))}")
+        task_names = self.task_names
+        for t in self.tasks:
+            if t.depends_on is None:
+                continue
+            if t.depends_on not in task_names:
+                raise ConfigError(
+                    f"task {t.name!r}: depends_on {t.depends_on!r} is not a task of the schema"
+                )
+            if task_names.index(t.depends_on) >= task_names.index(t.name):
+                raise ConfigError(
+                    f"task {t.name!r}: upstream task {t.depends_on!r} must be listed before it"
+                )
+            if self.task(t.depends_on).type != "binary":
+                raise ConfigError(f"task {t.name!r}: upstream task {t.depends_on!r} must be binary")
+
+    # --- lookups -------------------------------------------------------------------------------
+    @property
+    def task_names(self) -> list[str]:
+        return [t.name for t in self.tasks]
+
+    def task(self, name: str) -> Task:
+        for t in self.tasks:
+            if t.name == name:
+                return t
+        raise ConfigError(f"unknown task {name!r}; tasks are {', '.join(self.task_names)}")
+
+    def task_index(self, name: str) -> int:
+        return self.task_names.index(self.task(name).name)
+
+    def features_of(self, kind: str) -> list[Feature]:
+        return [f for f in self.features if f.type == kind]
+
+    def upstream_index(self) -> list[int]:
+        """For each task, the index of the task it depends on, or -1."""
+        names = self.task_names
+        return [names.index(t.depends_on) if t.depends_on else -1 for t in self.tasks]
+
+    def required_columns(self) -> list[str]:
+        return [f.source for f in self.features] + [t.source for t in self.tasks]
+
+    # --- serialisation ---------------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "features": [_compact(asdict(f), Feature) for f in self.features],
+            "tasks": [_compact(asdict(t), Task) for t in self.tasks],
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], where: str = "schema") -> Schema:
+        if not isinstance(data, dict):
+            raise ConfigError(f"{where}: expected a mapping with 'features' and 'tasks'")
+        unknown = set(data) - {"features", "tasks"}
+        if unknown:
+            raise ConfigError(f"{where}: unknown key(s) {', '.join(sorted(unknown))}")
+        features = [
+            _build(Feature, item, f"{where}: features[{i}]")
+            for i, item in enumerate(data.get("features") or [])
+        ]
+        tasks = [
+            _build(Task, item, f"{where}: tasks[{i}]")
+            for i, item in enumerate(data.get("tasks") or [])
+        ]
+        return cls(features=features, tasks=tasks)
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(self.to_dict(), indent=2))
+
+    @classmethod
+    def load(cls, path: str | Path) -> Schema:
+        path = Path(path)
+        try:
+            text = path.read_text()
+        except OSError as exc:
+            raise ConfigError(f"{path}: cannot read schema ({exc.strerror})") from exc
+        try:
+            data = yaml.safe_load(text)  # JSON is YAML too
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{path}: not valid YAML/JSON ({exc})") from exc
+        return cls.from_dict(data, where=str(path))
+
+
+def _compact(values: dict[str, Any], kind: type) -> dict[str, Any]:
+    """Drop keys that hold their default so saved schemas stay readable."""
+    defaults = {f.name: f.default for f in fields(kind)}
+    return {k: v for k, v in values.items() if k == "name" or v != defaults.get(k)}
+
+
+def _build(kind: type, item: Any, where: str) -> Any:
+    if not isinstance(item, dict) or "name" not in item:
+        raise ConfigError(f"{where}: expected a mapping with a 'name'")
+    allowed = {f.name for f in fields(kind)}
+    unknown = set(item) - allowed
+    if unknown:
+        raise ConfigError(
+            f"{where} ({item['name']}): unknown key(s) {', '.join(sorted(unknown))}; "
+            f"allowed: {', '.join(sorted(allowed))}"
+        )
+    try:
+        return kind(**item)
+    except TypeError as exc:
+        raise ConfigError(f"{where} ({item['name']}): {exc}") from exc

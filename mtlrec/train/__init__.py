@@ -1,0 +1,1 @@
+"""Training loop, metrics, checkpoints and the end-to-end run."""

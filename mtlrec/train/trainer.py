@@ -1,0 +1,230 @@
+"""The training loop: batches, balancer, evaluation, early stopping, checkpoints.
+
+Model selection reads the validation split only; the test split is never seen here (the run
+evaluates it once, after training, with the restored best model).
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from mtlrec.balance.base import Balancer
+from mtlrec.config import TrainConfig
+from mtlrec.data.table import TensorTable
+from mtlrec.errors import MTLRecError
+from mtlrec.models.base import MTLModel
+from mtlrec.train.checkpoint import save_torch
+from mtlrec.train.metrics import monitor_value, task_metrics
+
+log = logging.getLogger(__name__)
+
+
+class TrainingDiverged(MTLRecError):
+    """A task's loss became NaN or infinite."""
+
+
+@dataclass
+class EpochRecord:
+    epoch: int
+    train_loss: dict[str, float]
+    valid: dict[str, dict[str, float]]
+    monitor: float
+    seconds: float
+    samples_per_second: float
+
+
+@dataclass
+class FitResult:
+    history: list[EpochRecord] = field(default_factory=list)
+    best_epoch: int = -1
+    best_monitor: float = -math.inf
+    stopped_early: bool = False
+
+
+@torch.no_grad()
+def predict(
+    model: MTLModel, table: TensorTable, batch_size: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(conditional, joint) predictions [N, T] for a whole split, without autograd."""
+    was_training = model.training
+    model.eval()
+    cond_parts, joint_parts = [], []
+    for batch in table.batches(batch_size):
+        cond, joint = model.predict(model(batch))
+        cond_parts.append(cond)
+        joint_parts.append(joint)
+    model.train(was_training)
+    return torch.cat(cond_parts), torch.cat(joint_parts)
+
+
+def evaluate(model: MTLModel, table: TensorTable, batch_size: int) -> dict[str, dict[str, float]]:
+    cond, joint = predict(model, table, batch_size)
+    return task_metrics(model.schema, table.labels, cond, joint)
+
+
+class Trainer:
+    def __init__(
+        self,
+        model: MTLModel,
+        balancer: Balancer,
+        config: TrainConfig,
+        checkpoint_path: Path | None = None,
+        on_epoch: Callable[[EpochRecord], None] | None = None,
+    ) -> None:
+        self.model = model
+        self.balancer = balancer
+        self.config = config
+        self.checkpoint_path = checkpoint_path
+        self.on_epoch = on_epoch
+        self.optimizer = torch.optim.Adam(
+            [p for p in model.parameters() if p.requires_grad],
+            lr=config.lr,
+            weight_decay=config.weight_decay,
+        )
+        self.generator = torch.Generator().manual_seed(config.seed)
+        self.result = FitResult()
+        self.best_state: dict[str, torch.Tensor] | None = None
+        self.start_epoch = 0
+        self.bad_epochs = 0
+
+    # --- checkpoints -----------------------------------------------------------------------------
+    def state(self) -> dict[str, Any]:
+        return {
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "balancer": self.balancer.state_dict(),
+            "generator": self.generator.get_state(),
+            "torch_rng": torch.get_rng_state(),
+            "next_epoch": self.start_epoch,
+            "bad_epochs": self.bad_epochs,
+            "best_state": self.best_state,
+            "result": self.result,
+        }
+
+    def load_state(self, state: dict[str, Any]) -> None:
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.balancer.load_state_dict(state["balancer"])
+        self.generator.set_state(state["generator"])
+        torch.set_rng_state(state["torch_rng"])
+        self.start_epoch = state["next_epoch"]
+        self.bad_epochs = state["bad_epochs"]
+        self.best_state = state["best_state"]
+        self.result = state["result"]
+
+    # --- the loop --------------------------------------------------------------------------------
+    def fit(self, train: TensorTable, valid: TensorTable) -> FitResult:
+        cfg = self.config
+        names = self.model.schema.task_names
+        progress = _Progress(enabled=cfg.progress)
+        for epoch in range(self.start_epoch, cfg.epochs):
+            self.model.train()
+            started = time.perf_counter()
+            loss_sum = torch.zeros(len(names))
+            steps = 0
+            total = train.num_batches(cfg.batch_size)
+            with progress.task(f"epoch {epoch + 1}/{cfg.epochs}", total) as advance:
+                for batch in train.batches(cfg.batch_size, shuffle=True, generator=self.generator):
+                    out = self.model(batch)
+                    losses = self.model.task_losses(out, batch)
+                    self.optimizer.zero_grad(set_to_none=True)
+                    self.balancer.backward(losses, out.aux_loss)
+                    self.optimizer.step()
+                    loss_sum += losses.detach()
+                    steps += 1
+                    advance(1)
+            mean_loss = loss_sum / max(steps, 1)
+            self._check_finite(mean_loss, epoch)
+            seconds = time.perf_counter() - started
+            metrics = evaluate(self.model, valid, cfg.eval_batch_size)
+            value = monitor_value(metrics, cfg.monitor)
+            record = EpochRecord(
+                epoch=epoch + 1,
+                train_loss=dict(zip(names, mean_loss.tolist())),
+                valid=metrics,
+                monitor=value,
+                seconds=seconds,
+                samples_per_second=len(train) / seconds if seconds > 0 else math.inf,
+            )
+            self.result.history.append(record)
+            if value > self.result.best_monitor:
+                self.result.best_monitor = value
+                self.result.best_epoch = epoch + 1
+                self.best_state = copy.deepcopy(self.model.state_dict())
+                self.bad_epochs = 0
+            else:
+                self.bad_epochs += 1
+            self.start_epoch = epoch + 1
+            if self.on_epoch:
+                self.on_epoch(record)
+            if self.checkpoint_path is not None:
+                save_torch(self.state(), self.checkpoint_path)
+            if self.bad_epochs > cfg.patience:
+                self.result.stopped_early = True
+                break
+        if self.best_state is not None:
+            self.model.load_state_dict(self.best_state)
+        return self.result
+
+    def _check_finite(self, mean_loss: torch.Tensor, epoch: int) -> None:
+        bad = ~torch.isfinite(mean_loss)
+        if bad.any():
+            task = self.model.schema.task_names[int(bad.nonzero()[0])]
+            raise TrainingDiverged(
+                f"epoch {epoch + 1}: loss of task {task!r} is {mean_loss[bad][0].item()}; "
+                "lower train.lr or check the labels (the last good checkpoint is kept)"
+            )
+
+
+class _Progress:
+    """A rich progress bar on a terminal; silent otherwise (logs get one line per epoch)."""
+
+    def __init__(self, enabled: bool) -> None:
+        import sys
+
+        self.enabled = enabled and sys.stderr.isatty()
+
+    def task(self, label: str, total: int):
+        from contextlib import contextmanager
+
+        @contextmanager
+        def ctx():
+            if not self.enabled:
+                yield lambda n: None
+                return
+            from rich.progress import (
+                BarColumn,
+                MofNCompleteColumn,
+                Progress,
+                TimeElapsedColumn,
+                TimeRemainingColumn,
+            )
+
+            with Progress(
+                "[progress.description]{task.description}",
+                BarColumn(),
+                MofNCompleteColumn(),
+                TimeElapsedColumn(),
+                TimeRemainingColumn(),
+                transient=True,
+            ) as bar:
+                tid = bar.add_task(label, total=total)
+                counter = [0]
+
+                def advance(n: int) -> None:
+                    counter[0] += n
+                    if counter[0] % 20 == 0 or counter[0] == total:
+                        bar.update(tid, completed=counter[0])
+
+                yield advance
+
+        return ctx()
