@@ -144,6 +144,51 @@ def list_(
         sys.stdout.write(f"{name}\t{text}\n")
 
 
+@app.command()
+def export(
+    run_dir: Annotated[Path, typer.Argument(help="A run directory written by 'mtlrec train'")],
+    format_: Annotated[
+        str, typer.Option("--format", "-f", help="torchscript or onnx")
+    ] = "torchscript",
+    out: Annotated[
+        Path | None, typer.Option("--out", "-o", help="Folder to write (RUN_DIR/export-FORMAT)")
+    ] = None,
+    fusion: Annotated[
+        Path | None, typer.Option(help="YAML with a 'serve:' mapping to ship with the model")
+    ] = None,
+) -> None:
+    """Export a run as a self-contained folder (graph, encoder, schema, fusion, metadata)."""
+    from mtlrec.serve.export import export_run
+
+    try:
+        target = export_run(run_dir, format_, out, fusion)
+    except MTLRecError as exc:
+        _fail(exc)
+    console.print(f"wrote {target}", highlight=False)
+
+
+@app.command()
+def serve(
+    run_dir: Annotated[Path, typer.Argument(help="A run directory or an 'mtlrec export' folder")],
+    host: Annotated[str, typer.Option(help="Address to bind")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port to bind")] = 8000,
+    fusion: Annotated[
+        Path | None, typer.Option(help="YAML with a 'serve:' mapping (fusion, limits)")
+    ] = None,
+    threads: Annotated[int, typer.Option(help="Intra-op threads for the model")] = 1,
+    log_level: Annotated[str, typer.Option(help="uvicorn log level")] = "info",
+) -> None:
+    """Serve POST /score, GET /health and GET /metadata over HTTP."""
+    try:
+        from mtlrec.serve.app import serve as run_server
+
+        run_server(run_dir, host, port, fusion, threads, log_level)
+    except ImportError as exc:
+        _fail(MTLRecError(f"serving needs the extras ({exc.name}): pip install 'mtlrec[serve]'"))
+    except MTLRecError as exc:
+        _fail(exc)
+
+
 def _fmt(value: Any) -> str:
     return "-" if value is None else f"{value:.4f}" if isinstance(value, float) else str(value)
 

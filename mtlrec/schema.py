@@ -25,7 +25,11 @@ class Feature:
 
     ``categorical``: a vocabulary (with an out-of-vocabulary bucket and ``min_freq``), or
     ``hash_buckets`` > 0 to hash values into that many buckets for huge vocabularies.
-    ``numeric``: standardised with the training mean/std; NaN becomes the training mean.
+    ``numeric``: standardised with the training mean/std; NaN becomes the training mean. With
+    ``buckets`` > 0 the value is also cut at the training quantiles into that many buckets (plus a
+    missing-value bucket) and embedded like a categorical field, which lets a model learn
+    non-monotone effects (age, hours) without a deep network. ``log`` applies sign(x)·log1p(|x|)
+    first, for heavy-tailed amounts.
     ``sequence``: a multi-value field such as ``"a|b|c"``, split on ``sep``, cut to ``max_len``
     and mean-pooled over its embeddings.
     """
@@ -37,6 +41,8 @@ class Feature:
     hash_buckets: int = 0
     sep: str = "|"
     max_len: int = 20
+    buckets: int = 0
+    log: bool = False
 
     def __post_init__(self) -> None:
         if self.type not in FEATURE_TYPES:
@@ -47,6 +53,10 @@ class Feature:
             raise ConfigError(f"feature {self.name!r}: min_freq must be >= 1")
         if self.hash_buckets < 0:
             raise ConfigError(f"feature {self.name!r}: hash_buckets must be >= 0")
+        if self.buckets < 0:
+            raise ConfigError(f"feature {self.name!r}: buckets must be >= 0")
+        if self.buckets and self.type != "numeric":
+            raise ConfigError(f"feature {self.name!r}: buckets apply to numeric features only")
         if self.max_len < 1:
             raise ConfigError(f"feature {self.name!r}: max_len must be >= 1")
 
@@ -128,6 +138,15 @@ class Schema:
 
     def features_of(self, kind: str) -> list[Feature]:
         return [f for f in self.features if f.type == kind]
+
+    def embedded_fields(self) -> list[Feature]:
+        """Features with a block in the fused embedding table, in table order: categorical,
+        bucketised numeric, then sequence."""
+        return (
+            self.features_of("categorical")
+            + [f for f in self.features_of("numeric") if f.buckets]
+            + self.features_of("sequence")
+        )
 
     def upstream_index(self) -> list[int]:
         """For each task, the index of the task it depends on, or -1."""

@@ -8,6 +8,7 @@ model works with every balancer.
 
 from __future__ import annotations
 
+import importlib
 from dataclasses import dataclass, fields
 from typing import Any, ClassVar
 
@@ -17,6 +18,8 @@ from mtlrec.errors import ConfigError
 from mtlrec.models.base import MTLModel
 
 BALANCERS: dict[str, type[Balancer]] = {}
+# The modules that define balancers, in the order ``mtlrec list balancers`` shows them.
+FAMILIES = ("mtlrec.balance.weighting", "mtlrec.balance.surgery", "mtlrec.balance.recsys")
 
 
 @dataclass
@@ -51,6 +54,13 @@ class Balancer:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         pass
 
+    def make_optimizer(
+        self, params: list[torch.nn.Parameter], lr: float, weight_decay: float
+    ) -> torch.optim.Optimizer | None:
+        """The optimizer for ``params``, for a method that changes the update rule itself
+        (AdaTask); ``None`` (the default) lets the trainer build its usual Adam."""
+        return None
+
 
 def register_balancer(name: str):
     def wrap(cls: type[Balancer]) -> type[Balancer]:
@@ -78,13 +88,42 @@ def build_balancer(name: str, model: MTLModel, options: dict[str, Any] | None = 
             f"unknown key(s) balance.{', balance.'.join(unknown)} for balancer {name!r}"
             + (f"; allowed: {', '.join(sorted(allowed))}" if allowed else "; it takes no options")
         )
-    return cls(model, cls.Config(**options))
+    return cls(model, cls.Config(**_coerce(cls.Config, options)))
 
 
 def describe_balancers() -> dict[str, str]:
+    """Name -> first docstring line, by family (loss weighting, gradient surgery,
+    recommendation-specific) and, within one, in definition order."""
     _load_all()
-    return {n: (c.__doc__ or "").strip().splitlines()[0] for n, c in BALANCERS.items()}
+
+    def family(item: tuple[str, type[Balancer]]) -> int:
+        module = item[1].__module__
+        return FAMILIES.index(module) if module in FAMILIES else len(FAMILIES)
+
+    ordered = sorted(BALANCERS.items(), key=family)  # stable: keeps definition order
+    return {n: (c.__doc__ or "").strip().splitlines()[0] for n, c in ordered}
+
+
+def _coerce(kind: type[BalancerConfig], options: dict[str, Any]) -> dict[str, Any]:
+    """YAML gives ``2`` where a float is meant; a string where a number is meant is an error."""
+    defaults = {f.name: f.default for f in fields(kind)}
+    out = {}
+    for key, value in options.items():
+        default = defaults[key]
+        if isinstance(default, float) and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)
+        elif isinstance(default, int | float) and not isinstance(default, bool):
+            if isinstance(value, bool) or not isinstance(value, int | float):
+                raise ConfigError(f"balance.{key}: expected a number, got {value!r}")
+        out[key] = value
+    return out
+
+
+def config_error(key: str, message: str) -> ConfigError:
+    return ConfigError(f"balance.{key}: {message}")
 
 
 def _load_all() -> None:
-    from mtlrec.balance import weighting  # noqa: F401
+    # Importing a module runs its @register_balancer decorators.
+    for module in FAMILIES:
+        importlib.import_module(module)

@@ -61,11 +61,15 @@ class Encoder:
         for feat in self.schema.features:
             column = frame[feat.source]
             if feat.type == "numeric":
-                values = _to_float(column, where, feat.source)
+                values = _numeric(column, where, feat)
                 finite = values[np.isfinite(values)]
                 mean = float(finite.mean()) if finite.size else 0.0
                 std = float(finite.std()) if finite.size else 1.0
                 state[feat.name] = {"mean": mean, "std": std if std > 1e-12 else 1.0}
+                if feat.buckets:
+                    qs = np.linspace(0, 1, feat.buckets + 1)[1:-1]
+                    edges = np.unique(np.quantile(finite, qs)) if finite.size else np.zeros(0)
+                    state[feat.name]["edges"] = edges.tolist()
             elif feat.hash_buckets:
                 state[feat.name] = {"hash_buckets": int(feat.hash_buckets)}
             else:
@@ -84,11 +88,13 @@ class Encoder:
 
     def _size(self, feat: Feature) -> int:
         st = self.state[feat.name]
+        if "edges" in st:  # missing bucket + len(edges) + 1 intervals
+            return len(st["edges"]) + 2
         return st["hash_buckets"] if "hash_buckets" in st else len(st["vocab"]) + 1
 
     def layout(self) -> InputLayout:
         self._check_fitted()
-        embedded = self.schema.features_of("categorical") + self.schema.features_of("sequence")
+        embedded = self.schema.embedded_fields()
         offsets, sizes, next_row = [], [], 1
         for feat in embedded:
             offsets.append(next_row)
@@ -96,7 +102,7 @@ class Encoder:
             next_row += sizes[-1]
         return InputLayout(
             vocab_size=next_row,
-            num_categorical=len(self.schema.features_of("categorical")),
+            num_categorical=len(embedded) - len(self.schema.features_of("sequence")),
             sequence_lengths=tuple(f.max_len for f in self.schema.features_of("sequence")),
             num_numeric=len(self.schema.features_of("numeric")),
             field_offsets=tuple(offsets),
@@ -115,12 +121,19 @@ class Encoder:
         require_columns(frame, needed, where)
         layout = self.layout()
         n = len(frame)
-        embedded = self.schema.features_of("categorical") + self.schema.features_of("sequence")
+        embedded = self.schema.embedded_fields()
         offset_of = dict(zip([f.name for f in embedded], layout.field_offsets))
+        numeric = {
+            f.name: _numeric(frame[f.source], where, f) for f in self.schema.features_of("numeric")
+        }
 
         cat = np.zeros((n, layout.num_categorical), dtype=np.int64)
-        for j, feat in enumerate(self.schema.features_of("categorical")):
-            cat[:, j] = self._lookup(feat, _as_text(frame[feat.source])) + offset_of[feat.name]
+        for j, feat in enumerate(embedded[: layout.num_categorical]):
+            if feat.type == "numeric":
+                local = _bucket(numeric[feat.name], self.state[feat.name]["edges"])
+            else:
+                local = self._lookup(feat, _as_text(frame[feat.source]))
+            cat[:, j] = local + offset_of[feat.name]
 
         seq_parts = [
             self._encode_sequence(feat, frame[feat.source], offset_of[feat.name])
@@ -131,7 +144,7 @@ class Encoder:
         num = np.zeros((n, layout.num_numeric), dtype=np.float32)
         for j, feat in enumerate(self.schema.features_of("numeric")):
             st = self.state[feat.name]
-            values = _to_float(frame[feat.source], where, feat.source)
+            values = numeric[feat.name]
             values = np.where(np.isfinite(values), values, st["mean"])
             num[:, j] = (values - st["mean"]) / st["std"]
 
@@ -243,6 +256,17 @@ def _tokens(column: pd.Series, feat: Feature, keep_position: bool = False) -> pd
     rows = parts.index.to_numpy()
     pos = parts.groupby(level=0).cumcount().to_numpy()
     return pd.Series(parts.to_numpy(dtype=object), index=pd.MultiIndex.from_arrays([rows, pos]))
+
+
+def _numeric(column: pd.Series, where: str, feat: Feature) -> np.ndarray:
+    values = _to_float(column, where, feat.source)
+    return np.sign(values) * np.log1p(np.abs(values)) if feat.log else values
+
+
+def _bucket(values: np.ndarray, edges: list[float]) -> np.ndarray:
+    """0 = missing, 1.. = quantile interval (right-closed)."""
+    ids = np.searchsorted(np.asarray(edges, dtype=np.float64), values, side="left") + 1
+    return np.where(np.isfinite(values), ids, 0).astype(np.int64)
 
 
 def _to_float(column: pd.Series, where: str, name: str) -> np.ndarray:

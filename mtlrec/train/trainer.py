@@ -85,10 +85,13 @@ class Trainer:
         self.config = config
         self.checkpoint_path = checkpoint_path
         self.on_epoch = on_epoch
-        self.optimizer = torch.optim.Adam(
-            [p for p in model.parameters() if p.requires_grad],
-            lr=config.lr,
-            weight_decay=config.weight_decay,
+        params = [p for p in model.parameters() if p.requires_grad]
+        # A balancer that changes the update rule itself (AdaTask) supplies the optimizer.
+        custom = balancer.make_optimizer(params, lr=config.lr, weight_decay=config.weight_decay)
+        self.optimizer = (
+            custom
+            if custom is not None
+            else torch.optim.Adam(params, lr=config.lr, weight_decay=config.weight_decay)
         )
         self.generator = torch.Generator().manual_seed(config.seed)
         self.result = FitResult()

@@ -71,9 +71,13 @@ ADULT_FILES = {
 TASKS = [Task("income"), Task("marital")]
 
 
-def _schema(columns: list[str], numeric: list[str], drop: set[str]) -> Schema:
+def _schema(
+    columns: list[str], numeric: list[str], drop: set[str], buckets: int, log: bool
+) -> Schema:
     feats = [
-        Feature(c, "numeric" if c in numeric else "categorical") for c in columns if c not in drop
+        Feature(c, "numeric", buckets=buckets, log=log) if c in numeric else Feature(c)
+        for c in columns
+        if c not in drop
     ]
     return Schema(features=feats, tasks=list(TASKS))
 
@@ -92,8 +96,13 @@ def _cap(frame: pd.DataFrame, max_rows: int | None) -> pd.DataFrame:
 
 
 @register_dataset("census-income")
-def census_income(max_rows: int | None = None, seed: int = 2024) -> DatasetSplits:
-    """Census-Income (KDD), 199,523 + 99,762 rows; tasks income > 50K and never married."""
+def census_income(
+    max_rows: int | None = None, seed: int = 2024, numeric_buckets: int = 0, log_amounts: bool = False
+) -> DatasetSplits:
+    """Census-Income (KDD), 199,523 + 99,762 rows; tasks income > 50K and never married.
+
+    ``numeric_buckets`` > 0 also embeds each numeric column's quantile bucket; ``log_amounts``
+    log-transforms the numeric columns before standardising."""
     frames = {}
     for split, remote in CENSUS_FILES.items():
         path = locate(remote)
@@ -103,7 +112,11 @@ def census_income(max_rows: int | None = None, seed: int = 2024) -> DatasetSplit
         frames[split] = frame
     valid, test = _halves(frames["test"])
     schema = _schema(
-        CENSUS_COLUMNS, CENSUS_NUMERIC, {"income_50k", "marital_stat", "instance_weight"}
+        CENSUS_COLUMNS,
+        CENSUS_NUMERIC,
+        {"income_50k", "marital_stat", "instance_weight"},
+        numeric_buckets,
+        log_amounts,
     )
     return DatasetSplits(
         schema,
@@ -115,7 +128,9 @@ def census_income(max_rows: int | None = None, seed: int = 2024) -> DatasetSplit
 
 
 @register_dataset("adult")
-def adult(max_rows: int | None = None, seed: int = 2024) -> DatasetSplits:
+def adult(
+    max_rows: int | None = None, seed: int = 2024, numeric_buckets: int = 0, log_amounts: bool = False
+) -> DatasetSplits:
     """UCI Adult, 32,561 + 16,281 rows; the same two tasks as Census (small, for quick runs)."""
     frames = {}
     for split, remote in ADULT_FILES.items():
@@ -128,7 +143,9 @@ def adult(max_rows: int | None = None, seed: int = 2024) -> DatasetSplits:
         frame["marital"] = frame["marital_status"].str.strip().eq("Never-married").astype(int)
         frames[split] = frame
     valid, test = _halves(frames["test"])
-    schema = _schema(ADULT_COLUMNS, ADULT_NUMERIC, {"income", "marital_status"})
+    schema = _schema(
+        ADULT_COLUMNS, ADULT_NUMERIC, {"income", "marital_status"}, numeric_buckets, log_amounts
+    )
     return DatasetSplits(
         schema,
         _cap(frames["train"], max_rows),

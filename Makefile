@@ -1,0 +1,37 @@
+# Two commands on a fresh machine: `make demo` and `make test`.
+# torch is installed first and pinned: a bare `torch` requirement would pull a multi-GB CUDA build.
+
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed-stamp
+TORCH := torch==2.13.0
+export MTLREC_DATA_DIR ?= $(abspath ../shared/data)
+
+.PHONY: venv demo test lint bench-census clean
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet $(TORCH)
+	$(BIN)/pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/mtlrec train --dataset synthetic-mmoe --model shared-bottom --out runs/demo/shared-bottom --quiet
+	$(BIN)/mtlrec train --dataset synthetic-mmoe --model mmoe --out runs/demo/mmoe --quiet
+	$(BIN)/mtlrec compare runs/demo/shared-bottom runs/demo/mmoe
+
+test: $(STAMP)
+	$(BIN)/pytest
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+bench-census: $(STAMP)
+	$(BIN)/python benchmarks/census/run.py
+
+clean:
+	rm -rf runs .pytest_cache

@@ -1,0 +1,160 @@
+"""Per-task gradients on the shared parameters, and writing a combined gradient back.
+
+Every gradient method starts the same way: one ``torch.autograd.grad`` call per task over the
+shared parameters plus that task's own parameters (so a task's own layers get exactly its own
+gradient, and nothing accumulates into ``.grad`` on the way). The shared part is flattened into
+a [T, D] matrix; the methods combine it, and :meth:`TaskGrads.write_shared` puts the result back.
+
+Gradients are dense: the flat matrix needs them so (embedding tables use ``sparse=False`` in this
+codebase, so nothing is densified that was not dense already).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from mtlrec.balance.base import Balancer
+from mtlrec.models.base import MTLModel
+
+
+def trainable(params: Iterable[nn.Parameter]) -> list[nn.Parameter]:
+    return [p for p in params if p.requires_grad]
+
+
+def accumulate(param: torch.Tensor, grad: torch.Tensor) -> None:
+    """``param.grad += grad`` with backward's conventions (None means nothing yet)."""
+    grad = grad.detach()
+    if param.grad is None:
+        param.grad = grad.clone()
+    else:
+        param.grad.add_(grad)
+
+
+def flatten(grads: Sequence[torch.Tensor | None], params: Sequence[torch.Tensor]) -> torch.Tensor:
+    """One flat vector; a missing (None) gradient is zeros, a sparse one is densified."""
+    parts = [
+        torch.zeros(p.numel(), dtype=p.dtype, device=p.device)
+        if g is None
+        else (g.to_dense() if g.is_sparse else g).reshape(-1)
+        for g, p in zip(grads, params)
+    ]
+    if not parts:
+        return torch.zeros(0)
+    return torch.cat(parts)
+
+
+@dataclass
+class TaskGrads:
+    """Each task's gradient, split into the shared part (flat) and its own parameters' part.
+
+    ``matrix``: [T, D] gradients of the shared parameters, zeros where a task does not reach one.
+    ``used``: [T, P] True where task t's loss reaches shared tensor p at all.
+    ``own``: per task, the gradients of that task's own parameters (None where unused).
+    """
+
+    shared: list[nn.Parameter]
+    matrix: torch.Tensor
+    used: torch.Tensor
+    own_params: list[list[nn.Parameter]]
+    own: list[list[torch.Tensor | None]]
+
+    @property
+    def sizes(self) -> list[int]:
+        return [p.numel() for p in self.shared]
+
+    @property
+    def num_shared(self) -> int:
+        return self.matrix.shape[1]
+
+    def gram(self) -> torch.Tensor:
+        """[T, T] inner products of the task gradients, in float64."""
+        g = self.matrix.double()
+        return g @ g.T
+
+    def per_tensor(self, values: torch.Tensor) -> torch.Tensor:
+        """Broadcast [..., P] per-tensor values to [..., D] per-coordinate values."""
+        sizes = torch.tensor(self.sizes, device=values.device)
+        return values.repeat_interleave(sizes, dim=-1)
+
+    def write_shared(self, vector: torch.Tensor) -> None:
+        """Accumulate the combined [D] vector into the shared parameters' ``.grad``; a tensor no
+        task reaches keeps ``.grad`` untouched (None stays None, as after a plain backward)."""
+        reached = self.used.any(0).tolist()
+        for p, g, ok in zip(self.shared, vector.split(self.sizes), reached):
+            if ok:
+                accumulate(p, g.reshape(p.shape).to(p.dtype))
+
+    def write_own(self, scale: torch.Tensor | None = None) -> None:
+        """Accumulate each task's own gradient into its own parameters, times ``scale[t]``."""
+        for t, (params, grads) in enumerate(zip(self.own_params, self.own)):
+            for p, g in zip(params, grads):
+                if g is not None:
+                    accumulate(p, g if scale is None else g * scale[t].to(g.dtype))
+
+
+def task_gradients(model: MTLModel, losses: torch.Tensor) -> TaskGrads:
+    """One ``autograd.grad`` per task over (shared + that task's own) parameters; the graph is
+    kept for a later auxiliary backward."""
+    shared = trainable(model.shared_parameters())
+    own_params = [trainable(group) for group in model.task_parameters()]
+    rows, used, own = [], [], []
+    for t in range(losses.shape[0]):
+        params = shared + own_params[t]
+        if params and losses[t].requires_grad:
+            grads = torch.autograd.grad(losses[t], params, retain_graph=True, allow_unused=True)
+        else:
+            grads = (None,) * len(params)
+        rows.append(flatten(grads[: len(shared)], shared).to(losses.device))
+        used.append([g is not None for g in grads[: len(shared)]])
+        own.append(list(grads[len(shared) :]))
+    return TaskGrads(
+        shared=shared,
+        matrix=torch.stack(rows),
+        used=torch.tensor(used, dtype=torch.bool).reshape(len(rows), len(shared)),
+        own_params=own_params,
+        own=own,
+    )
+
+
+def backward_aux(aux_loss: torch.Tensor | None) -> torch.Tensor:
+    """A model's own extra loss, added with weight 1 by a plain backward; returns it detached."""
+    if aux_loss is None:
+        return torch.zeros(())
+    if aux_loss.requires_grad:
+        aux_loss.backward()
+    return aux_loss.detach()
+
+
+class GradientBalancer(Balancer):
+    """Base of the methods that need each task's gradient on the shared parameters.
+
+    A subclass implements :meth:`combine`: from the per-task gradients it returns the update for
+    the shared parameters ([D]) and the factor of each task's own-parameter gradient ([T], or
+    None for the task's plain gradient). Without shared parameters that any task reaches
+    (``single-task``) there is nothing to combine and every task's own parameters get its plain
+    gradient.
+    """
+
+    def transform(self, losses: torch.Tensor) -> torch.Tensor:
+        """The losses whose gradients are combined (DB-MTL takes their logarithm)."""
+        return losses
+
+    def combine(
+        self, grads: TaskGrads, losses: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        raise NotImplementedError
+
+    def backward(self, losses: torch.Tensor, aux_loss: torch.Tensor | None = None) -> torch.Tensor:
+        grads = task_gradients(self.model, self.transform(losses))
+        scale = None
+        if bool(grads.used.any()):  # some task reaches a shared parameter
+            shared, scale = self.combine(grads, losses.detach())
+            grads.write_shared(shared)
+        grads.write_own(scale)
+        aux = backward_aux(aux_loss)
+        weights = torch.ones_like(losses) if scale is None else scale.to(losses)
+        return (weights * losses.detach()).sum() + aux.to(losses)

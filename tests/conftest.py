@@ -1,0 +1,96 @@
+"""Shared fixtures: a planted-signal funnel dataset and the shared public data folder."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from mtlrec.data.encoder import Encoder
+from mtlrec.schema import Feature, Schema, Task
+
+REPO = Path(__file__).resolve().parents[1]
+_default = REPO.parent / "shared" / "data"
+if "MTLREC_DATA_DIR" not in os.environ and _default.is_dir():
+    os.environ["MTLREC_DATA_DIR"] = str(_default)
+
+
+@pytest.fixture(autouse=True)
+def _isolated_cache(tmp_path_factory, monkeypatch):
+    """Never download into the user's cache from a test."""
+    monkeypatch.setenv("MTLREC_CACHE", str(tmp_path_factory.mktemp("cache")))
+
+
+@pytest.fixture(scope="session")
+def data_dir() -> Path:
+    value = os.environ.get("MTLREC_DATA_DIR")
+    if not value or not Path(value).is_dir():
+        pytest.skip("MTLREC_DATA_DIR is not set to the shared datasets folder")
+    return Path(value)
+
+
+def funnel_frame(n: int, seed: int = 0) -> pd.DataFrame:
+    """Impressions with a planted signal: click depends on user group and item, purchase (only
+    after a click) on price and a tag; ``score`` is a regression target."""
+    rng = np.random.default_rng(seed)
+    user = rng.integers(0, 20, n)
+    item = rng.integers(0, 30, n)
+    price = rng.normal(0, 1, n)
+    tags = ["|".join(f"t{t}" for t in rng.choice(6, rng.integers(0, 4), replace=False)) for _ in range(n)]
+    has_t0 = np.array(["t0" in t.split("|") for t in tags])
+    click_logit = 1.5 * (user % 2 == 0) + 1.0 * (item < 10) - 1.0
+    click = rng.random(n) < 1 / (1 + np.exp(-click_logit * 2))
+    buy_logit = -1.5 * price + 1.5 * has_t0 - 0.5
+    purchase = click & (rng.random(n) < 1 / (1 + np.exp(-buy_logit * 2)))
+    price_txt = price.round(4).astype(str).astype(object)
+    price_txt[rng.random(n) < 0.02] = ""  # some missing numerics
+    return pd.DataFrame(
+        {
+            "user": [f"u{u}" for u in user],
+            "item": [f"i{i}" for i in item],
+            "price": price_txt,
+            "tags": tags,
+            "click": click.astype(int),
+            "purchase": purchase.astype(int),
+            "score": (2.0 * price + (user % 3)).round(4),
+        }
+    )
+
+
+FUNNEL_SCHEMA = {
+    "features": [
+        {"name": "user"},
+        {"name": "item", "min_freq": 2},
+        {"name": "price", "type": "numeric"},
+        {"name": "tags", "type": "sequence", "sep": "|", "max_len": 4},
+    ],
+    "tasks": [
+        {"name": "click"},
+        {"name": "purchase", "depends_on": "click"},
+    ],
+}
+
+
+@pytest.fixture
+def funnel_schema() -> Schema:
+    return Schema.from_dict(FUNNEL_SCHEMA)
+
+
+@pytest.fixture
+def funnel_tables(funnel_schema):
+    """(encoder, train, valid) on 3,000 + 1,000 planted-signal rows."""
+    train_df, valid_df = funnel_frame(3000, seed=1), funnel_frame(1000, seed=2)
+    enc = Encoder(funnel_schema).fit(train_df)
+    return enc, enc.transform(train_df), enc.transform(valid_df)
+
+
+@pytest.fixture
+def parallel_schema() -> Schema:
+    """Two parallel tasks, one binary and one regression (no funnel)."""
+    return Schema(
+        features=[Feature("user"), Feature("item"), Feature("price", "numeric")],
+        tasks=[Task("click"), Task("score", "regression")],
+    )

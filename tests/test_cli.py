@@ -1,0 +1,144 @@
+"""The command-line contract: names, files written, exit status 2 with one line on user errors."""
+
+import json
+
+import pandas as pd
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from mtlrec.cli import app
+from tests.conftest import FUNNEL_SCHEMA, funnel_frame
+
+runner = CliRunner()
+MODELS = ["aitm", "cgc", "esmm", "mmoe", "omoe", "ple", "shared-bottom", "single-task"]
+
+
+def _names(output: str) -> list[str]:
+    return [line.split("\t")[0] for line in output.splitlines() if line.strip()]
+
+
+def test_list_models_and_datasets():
+    result = runner.invoke(app, ["list", "models"])
+    assert result.exit_code == 0
+    assert set(MODELS) <= set(_names(result.output))
+    result = runner.invoke(app, ["list", "datasets"])
+    names = _names(result.output)
+    for name in ("census-income", "synthetic-mmoe", "adult", "ali-ccp", "aliexpress"):
+        assert name in names
+
+
+@pytest.fixture
+def own_files(tmp_path):
+    funnel_frame(1500, seed=1).to_csv(tmp_path / "train.csv", index=False)
+    funnel_frame(500, seed=2).to_parquet(tmp_path / "valid.parquet")
+    funnel_frame(500, seed=3).to_csv(tmp_path / "test.csv", index=False)
+    (tmp_path / "schema.yaml").write_text(yaml.safe_dump(FUNNEL_SCHEMA))
+    return tmp_path
+
+
+def _train_own(d, out, *extra):
+    return runner.invoke(
+        app,
+        [
+            "train", "--train", str(d / "train.csv"), "--valid", str(d / "valid.parquet"),
+            "--test", str(d / "test.csv"), "--schema", str(d / "schema.yaml"),
+            "--model", "mmoe", "--epochs", "2", "--out", str(out), "--quiet", *extra,
+        ],
+    )  # fmt: skip
+
+
+def test_train_own_csv_and_parquet_files_then_evaluate(own_files):
+    out = own_files / "run"
+    result = _train_own(own_files, out)
+    assert result.exit_code == 0, result.output
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert set(metrics) == {"valid", "test"}
+    assert set(metrics["test"]) == {"click", "purchase"}
+    assert {"auc", "logloss", "joint_auc", "joint_logloss"} <= set(metrics["test"]["purchase"])
+    clicked = int(pd.read_csv(own_files / "test.csv")["click"].sum())
+    assert metrics["test"]["purchase"]["rows"] == clicked  # CVR metrics on clicked rows only
+    assert metrics["test"]["click"]["rows"] == 500
+    for name in ("config.yaml", "encoder.json", "schema.json", "model.pt", "history.json"):
+        assert (out / name).exists(), name
+    # evaluate reuses the saved encoder and config and reproduces the test metrics
+    result = runner.invoke(app, ["evaluate", str(out)])
+    assert result.exit_code == 0, result.output
+    again = json.loads(result.output.strip().splitlines()[-1])
+    assert again["test"]["click"]["auc"] == pytest.approx(metrics["test"]["click"]["auc"])
+    # and on an arbitrary file with unseen values
+    other = funnel_frame(200, seed=11)
+    other.loc[:5, "user"] = "brand-new-user"
+    other.to_csv(own_files / "other.csv", index=False)
+    result = runner.invoke(app, ["evaluate", str(out), "--data", str(own_files / "other.csv")])
+    assert result.exit_code == 0, result.output
+
+
+def test_same_seed_same_metrics(own_files):
+    a, b = own_files / "a", own_files / "b"
+    assert _train_own(own_files, a, "--seed", "5").exit_code == 0
+    assert _train_own(own_files, b, "--seed", "5").exit_code == 0
+    assert (a / "metrics.json").read_text() == (b / "metrics.json").read_text()
+
+
+def _error_line(result) -> str:
+    assert result.exit_code == 2, result.output
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert len(lines) == 1, result.output
+    return lines[0]
+
+
+def test_unknown_model_exits_2_with_one_line(own_files):
+    line = _error_line(_train_own(own_files, own_files / "r", "--model", "mmeo"))
+    assert "unknown model 'mmeo'" in line
+
+
+def test_unknown_config_key_exits_2(own_files):
+    line = _error_line(_train_own(own_files, own_files / "r", "--set", "model.experts=4"))
+    assert "model.experts" in line
+    line = _error_line(_train_own(own_files, own_files / "r", "--set", "train.lrate=4"))
+    assert "train.lrate" in line
+
+
+def test_missing_column_exits_2_naming_file_and_column(own_files):
+    frame = pd.read_csv(own_files / "train.csv").drop(columns=["price"])
+    frame.to_csv(own_files / "train.csv", index=False)
+    line = _error_line(_train_own(own_files, own_files / "r"))
+    assert "train.csv" in line and "'price'" in line
+
+
+def test_bad_label_exits_2_naming_row_and_column(own_files):
+    frame = pd.read_csv(own_files / "train.csv")
+    frame.loc[7, "click"] = 3
+    frame.to_csv(own_files / "train.csv", index=False)
+    line = _error_line(_train_own(own_files, own_files / "r"))
+    assert "'click' row 7" in line and "train.csv" in line
+
+
+def test_unreadable_file_exits_2(own_files):
+    (own_files / "train.csv").write_bytes(b"\x1f\x8b\x08garbage")
+    (own_files / "train.csv").rename(own_files / "train.csv.gz")
+    result = runner.invoke(
+        app,
+        [
+            "train", "--train", str(own_files / "train.csv.gz"), "--valid",
+            str(own_files / "valid.parquet"), "--schema", str(own_files / "schema.yaml"),
+            "--out", str(own_files / "r"), "--quiet",
+        ],
+    )  # fmt: skip
+    assert "train.csv.gz" in _error_line(result)
+
+
+def test_missing_file_and_unknown_dataset(own_files):
+    line = _error_line(runner.invoke(app, ["train", "--dataset", "nope", "--out", "x", "--quiet"]))
+    assert "unknown dataset 'nope'" in line
+    result = runner.invoke(
+        app,
+        ["train", "--train", "missing.csv", "--valid", "v.csv", "--schema",
+         str(own_files / "schema.yaml"), "--out", "x", "--quiet"],
+    )  # fmt: skip
+    assert "missing.csv" in _error_line(result)
+
+
+def test_evaluate_on_a_non_run_dir_exits_2(tmp_path):
+    assert "not a finished run" in _error_line(runner.invoke(app, ["evaluate", str(tmp_path)]))

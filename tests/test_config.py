@@ -1,0 +1,53 @@
+import pytest
+
+from mtlrec import config as cfg
+from mtlrec.errors import ConfigError
+
+
+def test_resolution_order_defaults_preset_file_overrides():
+    user = {
+        "dataset": {"name": "adult"},
+        "model": {"name": "mmoe", "num_experts": 3},
+        "train": {"lr": 0.01},
+    }
+    resolved = cfg.resolve(user, [cfg.parse_override("train.lr=0.02"), {"train": {"epochs": 2}}])
+    assert resolved["train"]["lr"] == 0.02
+    assert resolved["train"]["epochs"] == 2
+    assert resolved["model"]["num_experts"] == 3
+    assert resolved["train"]["batch_size"] == cfg.TrainConfig().batch_size
+    assert resolved["balance"]["name"] == "fixed"
+
+
+def test_override_values_are_parsed_as_yaml():
+    assert cfg.parse_override("model.expert_hidden=[32, 16]") == {
+        "model": {"expert_hidden": [32, 16]}
+    }
+    assert cfg.parse_override("train.progress=false") == {"train": {"progress": False}}
+
+
+@pytest.mark.parametrize("text", ["lr=0.1", "optim.lr=0.1", "train.lr"])
+def test_bad_override_names_the_key(text):
+    with pytest.raises(ConfigError, match="--set"):
+        cfg.parse_override(text)
+
+
+def test_unknown_train_key_is_named():
+    with pytest.raises(ConfigError, match="train.learning_rate"):
+        cfg.train_config({"learning_rate": 0.1})
+    with pytest.raises(ConfigError, match="train.epochs"):
+        cfg.train_config({"epochs": "many"})
+
+
+def test_unknown_section_in_file_is_named(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("trian:\n  lr: 0.1\n")
+    with pytest.raises(ConfigError, match="trian"):
+        cfg.load_yaml(path)
+
+
+def test_dataset_preset_applies_its_model_block():
+    resolved = cfg.resolve({"dataset": {"name": "census-income"}, "model": {"name": "mmoe"}})
+    preset = cfg.preset("census-income")
+    assert resolved["train"]["epochs"] == preset["train"]["epochs"]
+    for key, value in preset["models"]["mmoe"]["model"].items():
+        assert resolved["model"][key] == value

@@ -1,0 +1,121 @@
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from mtlrec.data.encoder import Encoder
+from mtlrec.errors import DataError
+from mtlrec.schema import Feature, Schema, Task
+from tests.conftest import funnel_frame
+
+
+def _schema(**kw):
+    return Schema(
+        features=[Feature("c", min_freq=kw.get("min_freq", 1)), Feature("x", "numeric")],
+        tasks=[Task("y")],
+    )
+
+
+def test_vocabulary_oov_and_offsets():
+    train = pd.DataFrame({"c": ["a", "b", "a", "c"], "x": ["1", "2", "3", ""], "y": ["0", "1", "0", "1"]})
+    enc = Encoder(_schema(min_freq=2)).fit(train)
+    layout = enc.layout()
+    # row 0 = padding; feature 'c' owns rows 1.. with OOV first; only 'a' is frequent enough
+    assert layout.field_offsets == (1,)
+    assert layout.field_sizes == (2,)
+    assert layout.vocab_size == 3
+    table = enc.transform(pd.DataFrame({"c": ["a", "b", "zzz"], "x": ["2", "nan", "?"], "y": [1, 0, 1]}))
+    assert table.cat[:, 0].tolist() == [2, 1, 1]  # a -> 1+1, rare b and unseen zzz -> OOV (1+0)
+    # numeric: mean of 1,2,3 = 2 (missing ignored), missing at transform -> mean -> 0 after scaling
+    assert table.num[0, 0].item() == pytest.approx(0.0)
+    assert table.num[1, 0].item() == 0.0 and table.num[2, 0].item() == 0.0
+    assert table.labels[:, 0].tolist() == [1.0, 0.0, 1.0]
+
+
+def test_numeric_standardisation_uses_training_statistics():
+    train = pd.DataFrame({"c": ["a"] * 4, "x": [1.0, 2.0, 3.0, 4.0], "y": [0, 1, 0, 1]})
+    enc = Encoder(_schema()).fit(train)
+    table = enc.transform(pd.DataFrame({"c": ["a"], "x": [10.0], "y": [1]}))
+    expected = (10.0 - 2.5) / np.std([1.0, 2.0, 3.0, 4.0])
+    assert table.num[0, 0].item() == pytest.approx(expected, rel=1e-5)
+
+
+def test_hashing_is_stable_and_bounded():
+    schema = Schema([Feature("c", hash_buckets=7)], [Task("y")])
+    frame = pd.DataFrame({"c": [f"v{i}" for i in range(100)], "y": [0, 1] * 50})
+    enc = Encoder(schema).fit(frame)
+    a = enc.transform(frame).cat[:, 0]
+    b = Encoder.from_dict(enc.to_dict()).transform(frame).cat[:, 0]
+    assert torch.equal(a, b)
+    assert a.min() >= 1 and a.max() <= 7
+    assert len(set(a.tolist())) > 3
+
+
+def test_sequence_feature_is_padded_truncated_and_shares_the_table():
+    schema = Schema([Feature("c"), Feature("s", "sequence", sep="|", max_len=3)], [Task("y")])
+    train = pd.DataFrame({"c": ["a", "b"], "s": ["x|y", "y|z|w|v"], "y": [0, 1]})
+    enc = Encoder(schema).fit(train)
+    table = enc.transform(pd.DataFrame({"c": ["a", "a"], "s": ["", "x|new|y|z"], "y": [0, 1]}))
+    seq_offset = enc.layout().field_offsets[1]
+    assert table.seq.shape == (2, 3)
+    assert table.seq[0].tolist() == [0, 0, 0]  # empty -> all padding
+    vocab = enc.state["s"]["vocab"]
+    x, y = vocab.index("x") + 1 + seq_offset, vocab.index("y") + 1 + seq_offset
+    assert table.seq[1].tolist() == [x, seq_offset, y]  # 'new' -> OOV, cut at 3
+
+
+def test_round_trip_through_json_file_encodes_identically(tmp_path, funnel_schema):
+    train, other = funnel_frame(500, seed=3), funnel_frame(200, seed=4)
+    enc = Encoder(funnel_schema).fit(train)
+    enc.save(tmp_path / "encoder.json")
+    loaded = Encoder.load(tmp_path / "encoder.json")
+    a, b = enc.transform(other), loaded.transform(other)
+    for name in ("cat", "seq", "num", "labels"):
+        assert torch.equal(getattr(a, name), getattr(b, name)), name
+    assert loaded.layout() == enc.layout()
+
+
+def test_unseen_values_at_evaluation_never_crash(funnel_schema):
+    enc = Encoder(funnel_schema).fit(funnel_frame(300))
+    weird = funnel_frame(50, seed=9)
+    weird["user"] = "never-seen"
+    weird["tags"] = "brand-new|t1"
+    table = enc.transform(weird)
+    assert (table.cat[:, 0] == enc.layout().field_offsets[0]).all()  # all OOV
+
+
+@pytest.mark.parametrize(
+    "column, value, needle",
+    [
+        ("y", "2", "column 'y' row 1: label '2' is not 0 or 1"),
+        ("y", "", "column 'y' row 1"),
+        ("y", "nan", "column 'y' row 1"),
+        ("x", "abc", "column 'x' row 1: 'abc' is not a number"),
+    ],
+)
+def test_bad_values_name_column_and_row(column, value, needle):
+    frame = pd.DataFrame({"c": ["a", "b", "c"], "x": ["1", "2", "3"], "y": ["0", "1", "0"]})
+    frame.loc[1, column] = value
+    with pytest.raises(DataError, match=needle):
+        Encoder(_schema()).fit(frame).transform(frame, where="train.csv")
+
+
+def test_missing_column_is_named():
+    frame = pd.DataFrame({"c": ["a"], "y": [1]})
+    with pytest.raises(DataError, match="missing column.*'x'"):
+        Encoder(_schema()).fit(frame, where="train.csv")
+
+
+def test_dependent_task_positive_without_upstream_is_rejected(funnel_schema):
+    frame = funnel_frame(100)
+    row = int(np.flatnonzero(frame["click"].to_numpy() == 0)[0])
+    frame.loc[row, "purchase"] = 1
+    with pytest.raises(DataError, match=f"row {row}: task 'purchase' is positive"):
+        Encoder(funnel_schema).fit(frame).transform(frame)
+
+
+def test_serving_mode_needs_no_labels(funnel_schema):
+    enc = Encoder(funnel_schema).fit(funnel_frame(100))
+    frame = funnel_frame(10).drop(columns=["click", "purchase"])
+    table = enc.transform(frame, labels=False)
+    assert table.labels.shape == (10, 2)

@@ -1,0 +1,58 @@
+import pytest
+
+from mtlrec.errors import ConfigError
+from mtlrec.schema import Feature, Schema, Task
+from tests.conftest import FUNNEL_SCHEMA
+
+
+def test_schema_round_trips_through_json(tmp_path):
+    schema = Schema.from_dict(FUNNEL_SCHEMA)
+    schema.save(tmp_path / "s.json")
+    again = Schema.load(tmp_path / "s.json")
+    assert again == schema
+    assert again.upstream_index() == [-1, 0]
+
+
+def test_schema_yaml_file_is_read(tmp_path):
+    path = tmp_path / "schema.yaml"
+    path.write_text(
+        "features:\n  - {name: a}\n  - {name: b, type: numeric}\n"
+        "tasks:\n  - {name: y, type: regression, weight: 2}\n"
+    )
+    schema = Schema.load(path)
+    assert [f.type for f in schema.features] == ["categorical", "numeric"]
+    assert schema.tasks[0].weight == 2
+
+
+@pytest.mark.parametrize(
+    "data, needle",
+    [
+        ({"features": [{"name": "a", "kind": "x"}], "tasks": [{"name": "y"}]}, "kind"),
+        ({"features": [{"name": "a", "type": "text"}], "tasks": [{"name": "y"}]}, "text"),
+        ({"features": [{"name": "a"}], "tasks": [{"name": "y", "type": "multiclass"}]}, "multiclass"),
+        ({"features": [{"name": "a"}], "tasks": [{"name": "y", "depends_on": "z"}]}, "'z'"),
+        (
+            {"features": [{"name": "a"}], "tasks": [{"name": "b", "depends_on": "c"}, {"name": "c"}]},
+            "listed before",
+        ),
+        ({"features": [{"name": "a"}], "tasks": []}, "at least one task"),
+        ({"features": [{"name": "a"}], "tasks": [{"name": "a"}]}, "duplicate"),
+        ({"features": [{"name": "a"}], "tasks": [{"name": "y"}], "extra": 1}, "extra"),
+    ],
+)
+def test_bad_schema_names_the_problem(data, needle):
+    with pytest.raises(ConfigError, match=needle):
+        Schema.from_dict(data)
+
+
+def test_missing_schema_file_is_a_clear_error(tmp_path):
+    with pytest.raises(ConfigError, match="nope.yaml"):
+        Schema.load(tmp_path / "nope.yaml")
+
+
+def test_lookups():
+    schema = Schema([Feature("a"), Feature("x", "numeric")], [Task("c"), Task("p", depends_on="c")])
+    assert schema.task_index("p") == 1
+    assert [f.name for f in schema.features_of("numeric")] == ["x"]
+    with pytest.raises(ConfigError, match="unknown task"):
+        schema.task("q")
