@@ -42,9 +42,18 @@ NAMES = [
     "metabalance",
     "adatask",
 ]
-MODELS = ["shared-bottom", "mmoe", "esmm", "single-task"]
+MODELS = ["shared-bottom", "mmoe", "esmm", "aitm", "single-task"]
 STATEFUL = ["uw", "dwa", "gradnorm", "rlw", "dbmtl", "famo"]
 STATEFUL += ["pcgrad", "gradvac", "nashmtl", "metabalance"]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    """Tiny tensors: intra-op threads only add overhead (and spin on a busy machine)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")
@@ -324,6 +333,7 @@ def test_metabalance_with_relax_one_matches_the_target_magnitude(small):
     balancer = build_balancer("metabalance", model, {"relax_factor": 1.0})
     shared = trainable(model.shared_parameters())
     ema = torch.zeros(2, len(shared))
+    checked = 0
     for step, batch in enumerate(table.batches(300)):
         if step == 3:
             break
@@ -337,8 +347,10 @@ def test_metabalance_with_relax_one_matches_the_target_magnitude(small):
             aux = p.grad - grads[0][k]  # the auxiliary task's rescaled gradient
             ratio = ema[0, k] / (ema[1, k] + 1e-5)
             assert torch.allclose(aux, grads[1][k] * ratio, rtol=1e-4, atol=1e-8)
-            if step == 0 and ema[1, k] > 1e-2:  # first step: |scaled aux| = |target|
-                assert float(aux.norm()) == pytest.approx(float(grads[0][k].norm()), rel=1e-3)
+            if step == 0 and ema[1, k] > 1e-3:  # first step: |scaled aux| = |target| (+ eps)
+                assert float(aux.norm()) == pytest.approx(float(grads[0][k].norm()), rel=0.02)
+                checked += 1
+    assert checked >= 1
 
 
 def test_adatask_keeps_one_adam_per_task_on_shared_parameters(small):

@@ -172,7 +172,7 @@ def imtl_coefficients(gram: torch.Tensor) -> torch.Tensor:
 def nash_coefficients(
     gram: torch.Tensor, start: torch.Tensor | None = None, iters: int = 50, ridge: float = 1e-6
 ) -> torch.Tensor:
-    """Nash-MTL's bargaining solution (Navon et al., ICML 2022, Eq. 5): alpha > 0 with
+    """Nash-MTL's bargaining solution (Navon et al., ICML 2022, Sec. 3): alpha > 0 with
     G^T G alpha = 1 / alpha, G^T G normalised by its Frobenius norm as in the authors' code.
 
     That fixed point is the minimiser of the strictly convex f(alpha) = alpha^T M alpha / 2 -

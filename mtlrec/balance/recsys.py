@@ -39,12 +39,15 @@ class MetaBalanceConfig(BalancerConfig):
 class MetaBalance(GradientBalancer):
     """MetaBalance: scale each auxiliary task's gradient toward the target task's magnitude.
 
-    He, Feng, Cheng, Zhao, Luo, Lee, "MetaBalance: Improving Multi-Task Recommendations via
+    He, Feng, Cheng, Ji, Guo, Caverlee, "MetaBalance: Improving Multi-Task Recommendations via
     Adapting Gradient Magnitudes of Auxiliary Tasks", WWW 2022, Alg. 1. The FIRST task in schema
     order is the target. Per shared parameter tensor and task, m_t = beta m_t + (1 - beta) |g_t|
     (beta = 0.9, m starts at 0, no bias correction, as the authors' code); each auxiliary
-    gradient becomes g_aux (r m_tar / (m_aux + 1e-5) + 1 - r) with relax factor r = 0.7 (the
-    paper's strategy of both enlarging and shrinking); the shared update is g_tar + sum g_aux.
+    gradient becomes g_aux (r m_tar / (m_aux + 1e-5) + 1 - r) with relax factor r = 0.7, which
+    both shrinks larger and enlarges smaller auxiliary gradients (the authors' code); the shared
+    update is g_tar + sum g_aux. With r = 1 an auxiliary gradient's norm becomes
+    m_tar |g_aux| / m_aux: the target's norm scaled by how the auxiliary norm deviates from its
+    own average (exactly the target's current norm on the first step).
     Task-specific layers get the plain sum (their own task's gradient).
     Details not in the paper: a moving average is updated only on steps where the task reaches
     the tensor (the authors' code skips a None gradient), and where the target never reaches a
@@ -167,9 +170,9 @@ class AdaTaskConfig(BalancerConfig):
 class AdaTask(Balancer):
     """AdaTask: a separate adaptive learning rate per task on the shared parameters.
 
-    Yang, Chen, Liu, Zhang, "AdaTask: A Task-Aware Adaptive Learning Rate Approach to Multi-Task
-    Learning", AAAI 2023 (Adam form, Alg. 1): each task t keeps its own Adam moments
-    m_t, v_t of its gradient on every shared parameter, and the shared update is
+    Yang, Pan, Wang, Yu, Shen, Chen, Xiao, Jiang, Guo, "AdaTask: A Task-Aware Adaptive Learning
+    Rate Approach to Multi-Task Learning", AAAI 2023 (its Adam variant): each task t keeps its
+    own Adam moments m_t, v_t of its gradient on every shared parameter, and the shared update is
     sum_t lr m_hat_t / (sqrt(v_hat_t) + eps); task-specific parameters use plain Adam on their
     own gradient. Adam's defaults (betas 0.9, 0.999, eps 1e-8) as in the paper.
     Design: the method changes the optimizer itself, so the balancer supplies it through
@@ -216,11 +219,11 @@ class AdaTask(Balancer):
         if aux_loss is not None and aux_loss.requires_grad:
             params = trainable(self.model.parameters())
             aux = torch.autograd.grad(aux_loss, params, allow_unused=True)
-            by_id = {id(p): g for p, g in zip(params, aux)}
-            for p in params:
-                if by_id[id(p)] is not None:
-                    accumulate(p, by_id[id(p)])
+            for p, g in zip(params, aux):
+                if g is not None:
+                    accumulate(p, g)
             if grads.num_shared:
+                by_id = {id(p): g for p, g in zip(params, aux)}
                 flat = flatten([by_id[id(p)] for p in grads.shared], grads.shared)
                 per_task = per_task + flat.to(per_task) / self.num_tasks
         if aux_loss is not None:
@@ -230,13 +233,9 @@ class AdaTask(Balancer):
                 log.warning("adatask: the optimizer was not built by make_optimizer; plain sum")
                 self._warned = True
             return total
-        reached = grads.used.any(0).tolist()
+        # Shared parameters that got any gradient (from a task or the aux loss) this step.
         chunks = per_task.split(grads.sizes, dim=1)
-        params = [p for p, ok in zip(grads.shared, reached) if ok or p.grad is not None]
-        tensors = [
-            c.reshape(self.num_tasks, *p.shape)
-            for p, c, ok in zip(grads.shared, chunks, reached)
-            if ok or p.grad is not None
-        ]
-        self._optimizer.set_task_grads(params, tensors)
+        pairs = [(p, c.reshape(self.num_tasks, *p.shape)) for p, c in zip(grads.shared, chunks)]
+        pairs = [(p, c) for p, c in pairs if p.grad is not None]
+        self._optimizer.set_task_grads([p for p, _ in pairs], [c for _, c in pairs])
         return total

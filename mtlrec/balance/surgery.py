@@ -237,7 +237,7 @@ class NashMTL(_Weighted):
     """Nash-MTL: the Nash bargaining solution among tasks, G^T G alpha = 1 / alpha.
 
     Navon, Shamsian, Achituve, Maron, Kawaguchi, Chechik, Fetaya, "Multi-Task Learning as a
-    Bargaining Game", ICML 2022, Eq. 5: alpha > 0 solving G^T G alpha = 1 / alpha (G^T G
+    Bargaining Game", ICML 2022, Sec. 3: alpha > 0 solving G^T G alpha = 1 / alpha (G^T G
     divided by its Frobenius norm, as the authors' code), update sum_t alpha_t g_t; every
     task's own parameters get alpha_t times its gradient (the authors backpropagate
     sum_t alpha_t L_t); the shared update is clipped to norm ``max_norm`` (1.0, the authors'

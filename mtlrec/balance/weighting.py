@@ -128,8 +128,8 @@ class UncertaintyWeighting(Balancer):
     Kendall, Gal, Cipolla, "Multi-Task Learning Using Uncertainty to Weigh Losses for Scene
     Geometry and Semantics", CVPR 2018. With s_t = log sigma_t^2 (learned, initialised to 0),
     the objective is sum_t c_t exp(-s_t) L_t + s_t / 2, where c_t = 1/2 for a regression task
-    (Eq. 7: L / (2 sigma^2) + log sigma) and c_t = 1 for a classification task (Eq. 10:
-    L / sigma^2 + log sigma). ``weights`` = c_t exp(-s_t).
+    (Sec. 3.2: L / (2 sigma^2) + log sigma) and c_t = 1 for a classification task
+    (L / sigma^2 + log sigma). ``weights`` = c_t exp(-s_t).
     Design: s is an ``nn.Parameter`` owned by the balancer and stepped by its own Adam inside
     ``backward``; the paper optimises s jointly with the network, which is the same thing when
     ``balance.lr`` equals ``train.lr`` (both default to 1e-3).
@@ -185,7 +185,7 @@ class DWAConfig(BalancerConfig):
 class DynamicWeightAverage(Balancer):
     """Dynamic weight average: weights from each task's recent rate of loss decrease.
 
-    Liu, Johns, Davison, "End-to-End Multi-Task Learning with Attention", CVPR 2019, Eq. 7:
+    Liu, Johns, Davison, "End-to-End Multi-Task Learning with Attention", CVPR 2019, Sec. 3.3:
     w_k = T_tasks exp(r_k / temperature) / sum_i exp(r_i / temperature), r_k = L_k(-1) / L_k(-2)
     with temperature 2; the weights are 1 until two loss averages exist.
     Departure: the paper averages the loss over the two previous epochs; the balancer does not
@@ -411,7 +411,7 @@ class FAMOConfig(BalancerConfig):
 class FAMO(Balancer):
     """FAMO: weights that make every task's log-loss fall at the same rate, at O(1) cost.
 
-    Liu, Liu, Jin, Stone, Liu, "FAMO: Fast Adaptive Multitask Optimization", NeurIPS 2023,
+    Liu, Feng, Stone, Liu, "FAMO: Fast Adaptive Multitask Optimization", NeurIPS 2023,
     Alg. 2. z = softmax(xi); the network gets the gradient of
     sum_t z_t log(L_t + eps) / c with c = sum_t z_t / (L_t + eps) held constant (a convex
     combination of the task gradients, each divided by its loss); the logits xi are learned by
