@@ -139,6 +139,7 @@ class Trainer:
                 for batch in train.batches(cfg.batch_size, shuffle=True, generator=self.generator):
                     out = self.model(batch)
                     losses = self.model.task_losses(out, batch)
+                    self._check_finite(losses.detach(), epoch, steps)
                     self.optimizer.zero_grad(set_to_none=True)
                     self.balancer.backward(losses, out.aux_loss)
                     self.optimizer.step()
@@ -146,7 +147,6 @@ class Trainer:
                     steps += 1
                     advance(1)
             mean_loss = loss_sum / max(steps, 1)
-            self._check_finite(mean_loss, epoch)
             seconds = time.perf_counter() - started
             metrics = evaluate(self.model, valid, cfg.eval_batch_size)
             value = monitor_value(metrics, cfg.monitor)
@@ -178,13 +178,15 @@ class Trainer:
             self.model.load_state_dict(self.best_state)
         return self.result
 
-    def _check_finite(self, mean_loss: torch.Tensor, epoch: int) -> None:
-        bad = ~torch.isfinite(mean_loss)
+    def _check_finite(self, losses: torch.Tensor, epoch: int, step: int) -> None:
+        """Stop before a non-finite loss reaches the weights (one cheap check per step)."""
+        bad = ~torch.isfinite(losses)
         if bad.any():
-            task = self.model.schema.task_names[int(bad.nonzero()[0])]
+            t = int(bad.nonzero()[0])
             raise TrainingDiverged(
-                f"epoch {epoch + 1}: loss of task {task!r} is {mean_loss[bad][0].item()}; "
-                "lower train.lr or check the labels (the last good checkpoint is kept)"
+                f"epoch {epoch + 1} step {step + 1}: loss of task "
+                f"{self.model.schema.task_names[t]!r} is {losses[t].item()}; lower train.lr or "
+                "check the labels (the last good checkpoint is kept)"
             )
 
 

@@ -97,7 +97,10 @@ def _cap(frame: pd.DataFrame, max_rows: int | None) -> pd.DataFrame:
 
 @register_dataset("census-income")
 def census_income(
-    max_rows: int | None = None, seed: int = 2024, numeric_buckets: int = 0, log_amounts: bool = False
+    max_rows: int | None = None,
+    seed: int = 2024,
+    numeric_buckets: int = 0,
+    log_amounts: bool = False,
 ) -> DatasetSplits:
     """Census-Income (KDD), 199,523 + 99,762 rows; tasks income > 50K and never married.
 
@@ -129,7 +132,10 @@ def census_income(
 
 @register_dataset("adult")
 def adult(
-    max_rows: int | None = None, seed: int = 2024, numeric_buckets: int = 0, log_amounts: bool = False
+    max_rows: int | None = None,
+    seed: int = 2024,
+    numeric_buckets: int = 0,
+    log_amounts: bool = False,
 ) -> DatasetSplits:
     """UCI Adult, 32,561 + 16,281 rows; the same two tasks as Census (small, for quick runs)."""
     frames = {}

@@ -1,0 +1,54 @@
+import gzip
+
+import pandas as pd
+import pytest
+
+from mtlrec.data.readers import read_frame
+from mtlrec.errors import DataError
+
+
+def test_csv_keeps_na_as_a_category_and_strips_spaces(tmp_path):
+    path = tmp_path / "a.csv"
+    path.write_text("a, b\nNA, 1\nx, 2\n")
+    frame = read_frame(path, columns=["a", "b"])
+    assert frame["a"].tolist() == ["NA", "x"]
+    assert frame.attrs["source"] == str(path)
+
+
+def test_gzip_and_parquet_and_max_rows(tmp_path):
+    frame = pd.DataFrame({"a": list("abcdef"), "b": range(6)})
+    with gzip.open(tmp_path / "f.csv.gz", "wt") as fh:
+        frame.to_csv(fh, index=False)
+    frame.to_parquet(tmp_path / "f.parquet")
+    assert read_frame(tmp_path / "f.csv.gz", max_rows=4)["a"].tolist() == list("abcd")
+    pq = read_frame(tmp_path / "f.parquet", columns=["b"], max_rows=3)
+    assert pq["b"].tolist() == [0, 1, 2]
+
+
+def test_missing_column_in_parquet_is_named(tmp_path):
+    pd.DataFrame({"a": [1]}).to_parquet(tmp_path / "f.parquet")
+    with pytest.raises(DataError, match="f.parquet: missing column.*'zz'"):
+        read_frame(tmp_path / "f.parquet", columns=["a", "zz"])
+
+
+def test_ragged_row_is_reported_with_the_file(tmp_path):
+    path = tmp_path / "bad.csv"
+    path.write_text("a,b\n1,2\n3,4,5,6\n")
+    with pytest.raises(DataError, match="bad.csv: malformed"):
+        read_frame(path)
+
+
+def test_truncated_gzip_is_reported(tmp_path):
+    data = gzip.compress(b"a,b\n" + b"1,2\n" * 5000)
+    path = tmp_path / "cut.csv.gz"
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(DataError, match="cut.csv.gz"):
+        read_frame(path)
+
+
+def test_corrupt_parquet_and_missing_file(tmp_path):
+    (tmp_path / "x.parquet").write_bytes(b"PAR1 not really")
+    with pytest.raises(DataError, match="x.parquet"):
+        read_frame(tmp_path / "x.parquet")
+    with pytest.raises(DataError, match="nope.csv: file not found"):
+        read_frame(tmp_path / "nope.csv")

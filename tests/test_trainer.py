@@ -1,0 +1,104 @@
+"""Model selection on validation only, the test split read once, resume, divergence."""
+
+import json
+
+import pytest
+import torch
+import yaml
+
+import mtlrec.train.trainer as trainer_mod
+from mtlrec import config as cfg
+from mtlrec.balance import build_balancer
+from mtlrec.config import TrainConfig
+from mtlrec.data.encoder import Encoder
+from mtlrec.models import build_model
+from mtlrec.train.run import train_run
+from mtlrec.train.trainer import Trainer, TrainingDiverged
+from tests.conftest import FUNNEL_SCHEMA, funnel_frame
+
+
+def _trainer(funnel_tables, **train):
+    enc, _, _ = funnel_tables
+    torch.manual_seed(0)
+    model = build_model("shared-bottom", enc.schema, enc.layout(), {"embed_dim": 4})
+    conf = TrainConfig(progress=False, batch_size=512, **train)
+    return Trainer(model, build_balancer("ew", model), conf)
+
+
+def test_early_stopping_restores_the_best_validation_epoch(funnel_tables, monkeypatch):
+    _, train, valid = funnel_tables
+    scores = iter([0.70, 0.80, 0.75, 0.74, 0.90, 0.95])
+    snapshots = []
+
+    def fake_evaluate(model, table, batch_size):
+        assert table is valid  # model selection never sees another split
+        snapshots.append({k: v.clone() for k, v in model.state_dict().items()})
+        return {"click": {"auc": next(scores)}}
+
+    monkeypatch.setattr(trainer_mod, "evaluate", fake_evaluate)
+    trainer = _trainer(funnel_tables, epochs=6, patience=1)
+    result = trainer.fit(train, valid)
+    assert result.best_epoch == 2
+    assert result.stopped_early and len(result.history) == 4
+    for key, value in trainer.model.state_dict().items():
+        assert torch.equal(value, snapshots[1][key]), key
+
+
+def test_nan_loss_stops_with_the_task_name(funnel_tables, monkeypatch):
+    _, train, valid = funnel_tables
+    trainer = _trainer(funnel_tables, epochs=2)
+    original = trainer.model.task_losses
+
+    def broken(out, batch):
+        losses = original(out, batch)
+        return losses * torch.tensor([1.0, float("nan")])
+
+    monkeypatch.setattr(trainer.model, "task_losses", broken)
+    with pytest.raises(TrainingDiverged, match="task 'purchase'"):
+        trainer.fit(train, valid)
+
+
+@pytest.fixture
+def files_config(tmp_path):
+    funnel_frame(1200, seed=1).to_csv(tmp_path / "train.csv", index=False)
+    funnel_frame(400, seed=2).to_csv(tmp_path / "valid.csv", index=False)
+    funnel_frame(400, seed=3).to_csv(tmp_path / "test.csv", index=False)
+    (tmp_path / "schema.yaml").write_text(yaml.safe_dump(FUNNEL_SCHEMA))
+    dataset = {
+        "name": "files",
+        **{s: str(tmp_path / f"{s}.csv") for s in ("train", "valid", "test")},
+        "schema": str(tmp_path / "schema.yaml"),
+    }
+    return lambda **train: cfg.resolve(
+        {
+            "dataset": dataset,
+            "model": {"name": "mmoe", "embed_dim": 4},
+            "train": {"progress": False, "batch_size": 256, **train},
+        }
+    )
+
+
+def test_test_split_is_encoded_once_after_training(files_config, tmp_path, monkeypatch):
+    calls = []
+    original = Encoder.transform
+
+    def spy(self, frame, where="data", labels=True):
+        calls.append(str(where))
+        return original(self, frame, where, labels)
+
+    monkeypatch.setattr(Encoder, "transform", spy)
+    train_run(files_config(epochs=2), tmp_path / "run", echo=lambda *_: None)
+    test_calls = [c for c in calls if c.endswith("test.csv")]
+    assert len(test_calls) == 1 and calls[-1].endswith("test.csv")
+
+
+def test_resume_continues_to_the_same_result(files_config, tmp_path):
+    echo = lambda *_: None  # noqa: E731
+    train_run(files_config(epochs=4, patience=10), tmp_path / "straight", echo=echo)
+    train_run(files_config(epochs=2, patience=10), tmp_path / "resumed", echo=echo)
+    train_run(files_config(epochs=4, patience=10), tmp_path / "resumed", resume=True, echo=echo)
+    a = json.loads((tmp_path / "straight" / "metrics.json").read_text())
+    b = json.loads((tmp_path / "resumed" / "metrics.json").read_text())
+    assert a == b
+    history = json.loads((tmp_path / "resumed" / "history.json").read_text())
+    assert [e["epoch"] for e in history["epochs"]] == [1, 2, 3, 4]
