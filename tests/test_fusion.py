@@ -236,3 +236,17 @@ def test_fusion_is_vectorised_over_many_candidates(schema):
     ):
         out = fusion(schema, **section)(rows)
         assert out.shape == (200_000,) and np.isfinite(out).all()
+
+
+def test_core_does_not_import_the_serving_extras():
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, mtlrec, mtlrec.cli, mtlrec.train.run, mtlrec.models, mtlrec.serve.fusion;"
+        "bad = sorted(m for m in sys.modules if m.split('.')[0] in "
+        "('fastapi', 'uvicorn', 'onnx', 'onnxruntime', 'httpx', 'starlette'));"
+        "print(','.join(bad))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == ""

@@ -355,8 +355,11 @@ def test_load_errors_are_mtlrec_errors(tmp_path):
 def test_real_server_process(runs, tmp_path):
     run = runs("funnel-esmm")
     port = free_port()
+    fusion = tmp_path / "fusion.yaml"
+    fusion.write_text("serve:\n  max_body_bytes: 100000\n")
     log = (tmp_path / "server.log").open("w")
     cmd = [sys.executable, "-m", "mtlrec.cli", "serve", str(run), "--port", str(port)]
+    cmd += ["--fusion", str(fusion)]
     proc = subprocess.Popen(cmd + ["--log-level", "warning"], stdout=log, stderr=subprocess.STDOUT)
     base = f"http://127.0.0.1:{port}"
     try:
@@ -381,6 +384,7 @@ def test_real_server_process(runs, tmp_path):
                 b'{"candidates": [' + b"[" * 5000 + b"]" * 5000 + b"]}",
                 b'{"candidates": [' + b"{}," * 1200 + b"{}]}",
                 bytes([255, 254]),
+                b'{"candidates": ["' + b"x" * 300_000 + b'"]}',  # 413, drained, kept alive
             ]
             for raw in bad:
                 r = client.post("/score", content=raw, headers={"content-type": "application/json"})
@@ -403,3 +407,35 @@ def test_real_server_process(runs, tmp_path):
             proc.wait()
         log.close()
     assert "Traceback" not in (tmp_path / "server.log").read_text()
+
+
+def test_serve_cli_errors_are_one_line(runs, tmp_path):
+    from typer.testing import CliRunner
+
+    from mtlrec.cli import app
+
+    cli = CliRunner()
+    result = cli.invoke(app, ["serve", str(tmp_path)])
+    assert result.exit_code == 2 and "not a finished run directory" in result.output
+    fusion = tmp_path / "fusion.yaml"
+    fusion.write_text("serve:\n  kind: expression\n  expression: \"__import__('os')\"\n")
+    result = cli.invoke(app, ["serve", str(runs("funnel-esmm")), "--fusion", str(fusion)])
+    assert result.exit_code == 2 and "'__import__' is not allowed" in result.output
+
+
+def test_non_finite_fused_score_is_null_and_bugs_are_a_bare_500(runs, tmp_path):
+    run = runs("funnel-esmm")
+    fusion = tmp_path / "fusion.yaml"
+    fusion.write_text("serve:\n  kind: expression\n  expression: 'log(click - click)'\n")
+    app = create_app(run, fusion)
+    client = TestClient(app, raise_server_exceptions=False)
+    r = _score(client, [{"user": "u1"}])
+    assert r.status_code == 200 and r.json()["scores"][0]["score"] is None
+
+    def broken(_table):
+        raise RuntimeError("a bug, not the client's fault")
+
+    app.state.service.predictor.predict = broken
+    r = _score(client, [{"user": "u1"}])
+    assert r.status_code == 500 and r.json() == {"detail": "internal error"}
+    assert client.get("/health").status_code == 200

@@ -275,11 +275,14 @@ def write_report(results: dict, out: Path) -> None:
         f"Date: {results['date']}  ",
         f"Hardware: {hw['cpu']}, {hw['nproc']} CPU(s) available (`nproc`), "
         f"{hw['platform']}; Python {hw['python']}, torch {hw['torch']}, mtlrec {hw['mtlrec']}  ",
+        f"Load average (1/5/15 min) before the run: {hw['loadavg_before']}  ",
         f"Model: {results['model']} (run `{results['run']}`), served eagerly from the run "
-        f"directory by one uvicorn process, 1 torch thread, loopback only.",
+        f"directory by one uvicorn process, {results['config']['threads']} torch thread(s), "
+        "loopback only.",
         "",
         f"This is {size}. The load generator (Python threads, keep-alive HTTP/1.1 "
-        "connections) shares the same CPUs with the server, so these numbers are a floor.",
+        "connections) shares the same CPUs with the server, so these numbers are a floor. "
+        "50 warm-up requests are sent first and not counted.",
         "",
         "## Valid requests",
         "",
@@ -329,6 +332,7 @@ def main() -> int:
     default_data = REPO.parent / "shared" / "data"  # as the Makefile and tests/conftest.py do
     if not os.environ.get("MTLREC_DATA_DIR") and default_data.is_dir():
         os.environ["MTLREC_DATA_DIR"] = str(default_data)
+    load_before = [round(x, 2) for x in os.getloadavg()] if hasattr(os, "getloadavg") else None
     run = ensure_run(args)
     pool = candidate_pool(run, rows=5000)
     port = free_port()
@@ -415,6 +419,7 @@ def main() -> int:
             "python": platform.python_version(),
             "torch": torch.__version__,
             "mtlrec": mtlrec.__version__,
+            "loadavg_before": load_before,
         },
         "config": {
             "requests": args.requests,
@@ -429,7 +434,6 @@ def main() -> int:
         "malformed": malformed_summary,
         "healthy_after": healthy,
         "passed": passed,
-        "server_log": log.name,
     }
     write_report(results, Path(args.out))
     print(
@@ -441,7 +445,10 @@ def main() -> int:
     )
     if not passed:
         log.seek(0)
-        sys.stderr.write(log.read()[-4000:])
+        sys.stderr.write(f"server log {log.name}:\n{log.read()[-4000:]}")
+    log.close()
+    if passed:
+        os.unlink(log.name)
     return 0 if passed else 1
 
 
