@@ -6,6 +6,7 @@ row and column of a bad value. Parquet columns keep their types and are converte
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import pandas as pd
@@ -38,17 +39,27 @@ def read_frame(
         if suffixes.endswith((".parquet", ".pq")):
             frame = _read_parquet(path, columns, max_rows)
         else:
-            frame = pd.read_csv(
-                path,
-                sep=sep,
-                header=0 if header else None,
-                names=names,
-                dtype=str,
-                keep_default_na=False,
-                skipinitialspace=True,
-                nrows=max_rows,
-                engine="c",
-            )
+            with warnings.catch_warnings():
+                # pandas only warns (and drops cells) when the first data row is too long
+                warnings.simplefilter("error", pd.errors.ParserWarning)
+                try:
+                    frame = pd.read_csv(
+                        path,
+                        sep=sep,
+                        header=0 if header else None,
+                        names=names,
+                        dtype=str,
+                        keep_default_na=False,
+                        skipinitialspace=True,
+                        nrows=max_rows,
+                        engine="c",
+                        index_col=False,  # never turn a ragged first column into an index
+                    )
+                except pd.errors.ParserWarning as exc:
+                    first = 2 if header else 1
+                    raise DataError(
+                        f"{path}: malformed file (line {first} has more fields than the header)"
+                    ) from exc
     except DataError:
         raise
     except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError, EOFError) as exc:
