@@ -50,6 +50,13 @@ def train(
     schema: Annotated[str | None, typer.Option(help="Schema YAML for your own files")] = None,
     resume: Annotated[bool, typer.Option(help="Continue from OUT/checkpoint.pt")] = False,
     quiet: Annotated[bool, typer.Option(help="No progress bar or per-epoch lines")] = False,
+    diagnose: Annotated[
+        bool,
+        typer.Option(
+            help="Record gradient conflict and gate statistics to OUT/diagnostics.json "
+            "(train.diagnose=true; extra backward passes)"
+        ),
+    ] = False,
 ) -> None:
     """Train a model, select it on validation, evaluate the test split once."""
     from mtlrec import config as cfg
@@ -77,6 +84,8 @@ def train(
         overrides += [cfg.parse_override(s) for s in set_ or []]
         if quiet:
             overrides.append({"train": {"progress": False}})
+        if diagnose:
+            overrides.append({"train": {"diagnose": True}})
         resolved = cfg.resolve(user, overrides)
         echo = (lambda *_: None) if quiet else (lambda msg: err.print(msg, highlight=False))
         metrics = train_run(resolved, out, resume=resume, echo=echo)
@@ -125,6 +134,25 @@ def compare(
     for name, flat in rows:
         table.add_row(name, *(_fmt(flat.get(c)) for c in columns))
     console.print(table)
+
+
+@app.command()
+def report(
+    run_dir: Annotated[Path, typer.Argument(help="A run directory written by 'mtlrec train'")],
+    baseline: Annotated[
+        Path | None,
+        typer.Option(help="A single-task run on the same data, to detect negative transfer"),
+    ] = None,
+) -> None:
+    """Plots and a plain verdict (conflict, gate collapse, transfer) in RUN_DIR/report/."""
+    from mtlrec.report import write_report
+
+    try:
+        verdict = write_report(run_dir, baseline)
+    except MTLRecError as exc:
+        _fail(exc)
+    typer.echo(verdict.rstrip())
+    console.print(f"wrote {run_dir / 'report'}", highlight=False)
 
 
 @app.command("list")

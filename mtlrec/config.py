@@ -33,12 +33,16 @@ class TrainConfig:
     eval_batch_size: int = 16384
     lr: float = 1e-3
     weight_decay: float = 0.0
+    lr_decay: float = 1.0  # learning rate multiplied by this after every epoch
+    checkpoint_every: int = 0  # steps between mid-epoch checkpoints (0: at each epoch only)
     patience: int = 3
     monitor: str = "auc"  # "auc" (mean over binary tasks) or "loss"
     seed: int = 2024
     threads: int = 0  # 0: leave torch's default
     device: str = "cpu"
     progress: bool = True
+    diagnose: bool = False  # record per-task gradient norms / cosines (diagnostics.json)
+    diagnose_every: int = 1  # record every N-th training step when diagnosing
 
     def __post_init__(self) -> None:
         if self.monitor not in ("auc", "loss"):
@@ -48,6 +52,8 @@ class TrainConfig:
                 raise ConfigError(f"train.{key} must be >= 1")
         if self.lr <= 0:
             raise ConfigError("train.lr must be > 0")
+        if not 0 < self.lr_decay <= 1:
+            raise ConfigError("train.lr_decay must be in (0, 1]")
 
 
 def default_config() -> dict[str, Any]:

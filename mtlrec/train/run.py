@@ -26,6 +26,7 @@ from mtlrec.data.encoder import Encoder
 from mtlrec.errors import DataError, MTLRecError
 from mtlrec.models import MTLModel, build_model
 from mtlrec.train.checkpoint import save_json, save_text, save_torch
+from mtlrec.train.diagnostics import DIAGNOSTICS_FILE, GradientMonitor
 from mtlrec.train.trainer import EpochRecord, Trainer, evaluate
 
 log = logging.getLogger(__name__)
@@ -73,6 +74,9 @@ def train_run(
     encoder.save(out / "encoder.json")
     splits.schema.save(out / "schema.json")
     save_text(yaml.safe_dump(config, sort_keys=False), out / "config.yaml")
+    monitor = GradientMonitor.from_config(model, tcfg)  # None unless train.diagnose
+    if not resume:  # a stale file from an earlier run in this folder would mislead 'report'
+        (out / DIAGNOSTICS_FILE).unlink(missing_ok=True)
 
     def report(rec: EpochRecord) -> None:
         parts = " ".join(
@@ -82,12 +86,25 @@ def train_run(
             f"epoch {rec.epoch}: valid {parts}  ({rec.seconds:.1f}s, "
             f"{rec.samples_per_second:,.0f} samples/s)"
         )
+        if monitor is not None:  # written every epoch, so a crashed run keeps its diagnostics
+            monitor.save(out / DIAGNOSTICS_FILE)
+            for line in monitor.warnings():
+                echo(line)
 
-    trainer = Trainer(model, balancer, tcfg, checkpoint_path=out / "checkpoint.pt", on_epoch=report)
+    trainer = Trainer(
+        model,
+        balancer,
+        tcfg,
+        checkpoint_path=out / "checkpoint.pt",
+        on_epoch=report,
+        monitor=monitor,
+    )
     ckpt = out / "checkpoint.pt"
     if resume and ckpt.exists():
         trainer.load_state(torch.load(ckpt, weights_only=False))
         echo(f"resumed from {ckpt} at epoch {trainer.start_epoch + 1}")
+        if monitor is not None:
+            monitor.restore(out / DIAGNOSTICS_FILE, trainer.start_epoch)
     result = trainer.fit(train, valid)
 
     save_torch(

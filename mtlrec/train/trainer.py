@@ -7,13 +7,14 @@ evaluates it once, after training, with the restored best model).
 from __future__ import annotations
 
 import copy
+import itertools
 import logging
 import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -24,6 +25,9 @@ from mtlrec.errors import MTLRecError
 from mtlrec.models.base import MTLModel
 from mtlrec.train.checkpoint import save_torch
 from mtlrec.train.metrics import monitor_value, task_metrics
+
+if TYPE_CHECKING:
+    from mtlrec.train.diagnostics import GradientMonitor
 
 log = logging.getLogger(__name__)
 
@@ -79,12 +83,15 @@ class Trainer:
         config: TrainConfig,
         checkpoint_path: Path | None = None,
         on_epoch: Callable[[EpochRecord], None] | None = None,
+        monitor: GradientMonitor | None = None,
     ) -> None:
         self.model = model
         self.balancer = balancer
         self.config = config
         self.checkpoint_path = checkpoint_path
         self.on_epoch = on_epoch
+        # Optional diagnostics (train.diagnose); None keeps the step loop at one `if`.
+        self.monitor = monitor
         params = [p for p in model.parameters() if p.requires_grad]
         # A balancer that changes the update rule itself (AdaTask) supplies the optimizer.
         custom = balancer.make_optimizer(params, lr=config.lr, weight_decay=config.weight_decay)
@@ -93,21 +100,31 @@ class Trainer:
             if custom is not None
             else torch.optim.Adam(params, lr=config.lr, weight_decay=config.weight_decay)
         )
+        self.scheduler = torch.optim.lr_scheduler.ExponentialLR(self.optimizer, config.lr_decay)
         self.generator = torch.Generator().manual_seed(config.seed)
         self.result = FitResult()
         self.best_state: dict[str, torch.Tensor] | None = None
         self.start_epoch = 0
         self.bad_epochs = 0
+        # Mid-epoch position, so a run killed between epoch checkpoints resumes exactly: the
+        # generator state that drew this epoch's order, the steps done, the running loss sum.
+        self.epoch_generator_state: torch.Tensor | None = None
+        self.step_in_epoch = 0
+        self.loss_sum: torch.Tensor | None = None
 
     # --- checkpoints -----------------------------------------------------------------------------
     def state(self) -> dict[str, Any]:
         return {
             "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
             "balancer": self.balancer.state_dict(),
             "generator": self.generator.get_state(),
             "torch_rng": torch.get_rng_state(),
             "next_epoch": self.start_epoch,
+            "epoch_generator": self.epoch_generator_state,
+            "step_in_epoch": self.step_in_epoch,
+            "loss_sum": self.loss_sum,
             "bad_epochs": self.bad_epochs,
             "best_state": self.best_state,
             "result": self.result,
@@ -116,10 +133,14 @@ class Trainer:
     def load_state(self, state: dict[str, Any]) -> None:
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
         self.balancer.load_state_dict(state["balancer"])
         self.generator.set_state(state["generator"])
         torch.set_rng_state(state["torch_rng"])
         self.start_epoch = state["next_epoch"]
+        self.epoch_generator_state = state["epoch_generator"]
+        self.step_in_epoch = state["step_in_epoch"]
+        self.loss_sum = state["loss_sum"]
         self.bad_epochs = state["bad_epochs"]
         self.best_state = state["best_state"]
         self.result = state["result"]
@@ -132,24 +153,39 @@ class Trainer:
         for epoch in range(self.start_epoch, cfg.epochs):
             self.model.train()
             started = time.perf_counter()
-            loss_sum = torch.zeros(len(names))
-            steps = 0
+            if self.step_in_epoch == 0:  # a fresh epoch (not one resumed midway)
+                self.epoch_generator_state = self.generator.get_state()
+                self.loss_sum = torch.zeros(len(names))
+            else:  # redraw the interrupted epoch's order, then skip the batches already done
+                self.generator.set_state(self.epoch_generator_state)
+            skip = steps = self.step_in_epoch
+            loss_sum = self.loss_sum
             total = train.num_batches(cfg.batch_size)
             with progress.task(f"epoch {epoch + 1}/{cfg.epochs}", total) as advance:
-                for batch in train.batches(cfg.batch_size, shuffle=True, generator=self.generator):
+                batches = train.batches(cfg.batch_size, shuffle=True, generator=self.generator)
+                for batch in itertools.islice(batches, skip, None):
                     out = self.model(batch)
                     losses = self.model.task_losses(out, batch)
                     self._check_finite(losses.detach(), epoch, steps)
+                    if self.monitor is not None:  # before the balancer frees the graph
+                        self.monitor.on_step(self.model, losses)
                     self.optimizer.zero_grad(set_to_none=True)
                     self.balancer.backward(losses, out.aux_loss)
                     self.optimizer.step()
                     loss_sum += losses.detach()
                     steps += 1
                     advance(1)
+                    if cfg.checkpoint_every and steps % cfg.checkpoint_every == 0:
+                        self.step_in_epoch = steps
+                        self._save()
+            self.step_in_epoch = 0
             mean_loss = loss_sum / max(steps, 1)
+            self.scheduler.step()
             seconds = time.perf_counter() - started
             metrics = evaluate(self.model, valid, cfg.eval_batch_size)
             value = monitor_value(metrics, cfg.monitor)
+            if self.monitor is not None:
+                self.monitor.on_epoch(epoch + 1, self.model, valid, cfg.eval_batch_size)
             record = EpochRecord(
                 epoch=epoch + 1,
                 train_loss=dict(zip(names, mean_loss.tolist())),
@@ -169,14 +205,17 @@ class Trainer:
             self.start_epoch = epoch + 1
             if self.on_epoch:
                 self.on_epoch(record)
-            if self.checkpoint_path is not None:
-                save_torch(self.state(), self.checkpoint_path)
+            self._save()
             if self.bad_epochs > cfg.patience:
                 self.result.stopped_early = True
                 break
         if self.best_state is not None:
             self.model.load_state_dict(self.best_state)
         return self.result
+
+    def _save(self) -> None:
+        if self.checkpoint_path is not None:
+            save_torch(self.state(), self.checkpoint_path)
 
     def _check_finite(self, losses: torch.Tensor, epoch: int, step: int) -> None:
         """Stop before a non-finite loss reaches the weights (one cheap check per step)."""

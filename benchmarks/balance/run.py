@@ -1,0 +1,351 @@
+"""Census-Income balancer benchmark: models x balancers x seeds, test AUC per task vs ``ew``.
+
+Why: every balancer claims to help multi-task training; this measures, on one public split and
+with everything else fixed (dataset preset, model, seeds), whether it beats plain equal weights
+(``ew``) and what it costs per epoch.
+
+Usage::
+
+    python benchmarks/balance/run.py                       # mmoe, shared-bottom x all x 1 2 3
+    python benchmarks/balance/run.py --parallel 2          # two training processes at a time
+    python benchmarks/balance/run.py --models mmoe --balancers ew pcgrad --seeds 1 --epochs 1 \
+        --results-dir /tmp/bal                             # a quick end-to-end check
+
+Each run is ``python -m mtlrec.cli train --dataset census-income --model M --balance B --seed S
+--out RUNS/M-B-seedS --quiet --set train.threads=1 --resume`` (one intra-op thread per process,
+so ``--parallel K`` uses K cores). A run whose ``metrics.json`` exists is reused, an interrupted
+one resumes from its checkpoint, so the benchmark can be stopped and restarted (``--force``
+retrains). Writes, in ``--results-dir`` (default: this folder):
+
+* ``results.json``: rows ``{model, balancer, task, auc_mean, auc_std, seconds_per_epoch}``,
+* ``runs.json``: one row per run (per-seed AUCs, epochs, wall time, failures),
+* ``RESULTS.md``: the table, the command, the hardware and which balancers help vs ``ew``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shlex
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor, as_completed
+from datetime import date
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parents[1]
+DATASET = "census-income"
+MODELS = ["mmoe", "shared-bottom"]
+REFERENCE = "ew"
+NOISE_SE = 2.0  # a mean paired difference beyond this many standard errors is called real
+
+
+def all_balancers() -> list[str]:
+    """The registered balancers, in ``mtlrec list balancers`` order."""
+    from mtlrec.balance import describe_balancers
+
+    return list(describe_balancers())
+
+
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown CPU"
+
+
+def nproc() -> str:
+    """``nproc`` (the CPUs this process may use), else ``os.cpu_count()``."""
+    exe = shutil.which("nproc")
+    if exe:
+        try:
+            return subprocess.run([exe], capture_output=True, text=True, check=True).stdout.strip()
+        except (OSError, subprocess.CalledProcessError):
+            pass
+    return str(os.cpu_count())
+
+
+def train_command(
+    model: str, balancer: str, seed: int, out: Path, epochs: int | None, max_rows: int | None
+) -> list[str]:
+    cmd = [
+        sys.executable, "-m", "mtlrec.cli", "train", "--dataset", DATASET, "--model", model,
+        "--balance", balancer, "--seed", str(seed), "--out", str(out), "--quiet",
+        "--set", "train.threads=1", "--resume",
+    ]  # fmt: skip
+    if epochs is not None:
+        cmd += ["--epochs", str(epochs)]
+    if max_rows is not None:
+        cmd += ["--max-rows", str(max_rows)]
+    return cmd
+
+
+def run_one(
+    model: str, balancer: str, seed: int, args: argparse.Namespace, runs_dir: Path
+) -> dict[str, Any]:
+    """Train (or reuse) one run; return its per-run row (``status`` says whether it worked)."""
+    out = runs_dir / f"{model}-{balancer}-seed{seed}"
+    row: dict[str, Any] = {"model": model, "balancer": balancer, "seed": seed, "run": str(out)}
+    if args.force and out.exists():
+        shutil.rmtree(out)
+    wall = None
+    if not (out / "metrics.json").exists():
+        out.mkdir(parents=True, exist_ok=True)
+        env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+        started = time.perf_counter()
+        with (out / "train.log").open("w") as log:
+            proc = subprocess.run(
+                train_command(model, balancer, seed, out, args.epochs, args.max_rows),
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env=env,
+            )
+        wall = time.perf_counter() - started
+        if proc.returncode != 0:
+            tail = (out / "train.log").read_text().strip().splitlines()[-1:] or ["(no output)"]
+            return {**row, "status": f"failed (exit {proc.returncode}): {tail[0]}"}
+    metrics = json.loads((out / "metrics.json").read_text())
+    history = json.loads((out / "history.json").read_text())
+    epochs = history.get("epochs") or []
+    split = "test" if metrics.get("test") else "valid"
+    return {
+        **row,
+        "status": "ok",
+        "split": split,
+        "auc": {t: m.get("auc") for t, m in metrics[split].items()},
+        "epochs_run": len(epochs),
+        "best_epoch": history.get("best_epoch"),
+        "seconds_per_epoch": statistics.mean(e["seconds"] for e in epochs) if epochs else None,
+        "wall_seconds": wall,
+    }
+
+
+def aggregate(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Mean and sample standard deviation of test AUC over seeds, per model, balancer, task."""
+    rows = []
+    ok = [r for r in runs if r["status"] == "ok"]
+    for model in dict.fromkeys(r["model"] for r in ok):
+        for balancer in dict.fromkeys(r["balancer"] for r in ok if r["model"] == model):
+            group = [r for r in ok if r["model"] == model and r["balancer"] == balancer]
+            secs = [r["seconds_per_epoch"] for r in group if r["seconds_per_epoch"] is not None]
+            for task in group[0]["auc"]:
+                values = [r["auc"][task] for r in group if r["auc"].get(task) is not None]
+                rows.append(
+                    {
+                        "model": model,
+                        "balancer": balancer,
+                        "task": task,
+                        "auc_mean": statistics.mean(values) if values else None,
+                        "auc_std": statistics.stdev(values) if len(values) > 1 else None,
+                        "seconds_per_epoch": statistics.mean(secs) if secs else None,
+                    }
+                )
+    return rows
+
+
+def compare_to_reference(runs: list[dict[str, Any]], model: str, balancer: str) -> dict[str, Any]:
+    """Paired (same seed) difference of the mean-over-tasks test AUC, ``balancer`` minus ``ew``.
+
+    ``verdict``: ``helps``/``hurts`` when the mean difference is beyond ``NOISE_SE`` standard
+    errors of the paired differences, ``no clear difference`` otherwise; with one seed there is
+    no noise estimate and the verdict says so.
+    """
+
+    def mean_auc(r: dict[str, Any]) -> float | None:
+        values = [v for v in r["auc"].values() if v is not None]
+        return statistics.mean(values) if values else None
+
+    by_seed = {}
+    for r in runs:
+        if r["status"] == "ok" and r["model"] == model and r["balancer"] in (balancer, REFERENCE):
+            by_seed.setdefault(r["seed"], {})[r["balancer"]] = mean_auc(r)
+    diffs = [
+        d[balancer] - d[REFERENCE]
+        for d in by_seed.values()
+        if d.get(balancer) is not None and d.get(REFERENCE) is not None
+    ]
+    if not diffs:
+        return {"delta": None, "se": None, "seeds": 0, "verdict": f"no paired {REFERENCE} run"}
+    delta = statistics.mean(diffs)
+    if len(diffs) < 2:
+        word = "higher" if delta > 0 else "lower" if delta < 0 else "equal"
+        return {
+            "delta": delta,
+            "se": None,
+            "seeds": 1,
+            "verdict": f"{word} (1 seed, no noise estimate)",
+        }
+    se = statistics.stdev(diffs) / len(diffs) ** 0.5
+    if delta > NOISE_SE * se:
+        verdict = "helps"
+    elif delta < -NOISE_SE * se:
+        verdict = "hurts"
+    else:
+        verdict = "no clear difference"
+    return {"delta": delta, "se": se, "seeds": len(diffs), "verdict": verdict}
+
+
+def _fmt(mean: float | None, std: float | None) -> str:
+    if mean is None:
+        return "-"
+    return f"{mean:.4f}" if std is None else f"{mean:.4f} ± {std:.4f}"
+
+
+def write_markdown(
+    path: Path, rows: list[dict[str, Any]], runs: list[dict[str, Any]], args: argparse.Namespace
+) -> None:
+    import torch
+
+    tasks = list(dict.fromkeys(r["task"] for r in rows))
+    seeds = sorted({r["seed"] for r in runs})
+    command = "python benchmarks/balance/run.py " + shlex.join(sys.argv[1:])
+    lines = [
+        "# Census-Income (KDD): gradient balancers vs equal weights (`ew`)",
+        "",
+        f"Command: `{command.strip()}` with `MTLREC_DATA_DIR` set to the shared data folder "
+        f"({date.today().isoformat()}).",
+        f"Hardware: {cpu_name()}; `nproc` = {nproc()}; one torch thread per training process, "
+        f"{args.parallel} process(es) at a time; Python {platform.python_version()}, "
+        f"torch {torch.__version__}.",
+        "Setup: the dataset preset (mtlrec/presets/census-income.yaml), the MMoE paper's split, "
+        "early stopping on mean validation AUC, best epoch restored, test split read once"
+        + (f"; epochs capped at {args.epochs}" if args.epochs else "")
+        + (f"; at most {args.max_rows} rows per split" if args.max_rows else "")
+        + ".",
+        "",
+        "| model | balancer | "
+        + " | ".join(f"{t} AUC" for t in tasks)
+        + f" | Δ mean AUC vs {REFERENCE} | s/epoch | vs {REFERENCE} |",
+        "|---|---|" + "---|" * len(tasks) + "---|---|---|",
+    ]
+    verdicts: dict[str, dict[str, list[str]]] = {}
+    for model in dict.fromkeys(r["model"] for r in rows):
+        for balancer in dict.fromkeys(r["balancer"] for r in rows if r["model"] == model):
+            cells = {
+                r["task"]: r for r in rows if r["model"] == model and r["balancer"] == balancer
+            }
+            first = next(iter(cells.values()))
+            aucs = " | ".join(
+                _fmt(cells[t]["auc_mean"], cells[t]["auc_std"]) if t in cells else "-"
+                for t in tasks
+            )
+            secs = first["seconds_per_epoch"]
+            if balancer == REFERENCE:
+                delta, verdict = "—", "reference"
+            else:
+                c = compare_to_reference(runs, model, balancer)
+                delta = "-" if c["delta"] is None else f"{c['delta']:+.4f}"
+                if c["se"] is not None:
+                    delta += f" (SE {c['se']:.4f})"
+                verdict = c["verdict"]
+                verdicts.setdefault(model, {}).setdefault(verdict, []).append(balancer)
+            lines.append(
+                f"| {model} | {balancer} | {aucs} | {delta} | "
+                f"{'-' if secs is None else f'{secs:.2f}'} | {verdict} |"
+            )
+    lines += [
+        "",
+        f"AUC: mean ± sample standard deviation over seeds {', '.join(map(str, seeds))}. "
+        f"Δ: mean over seeds of (mean test AUC over tasks, balancer minus {REFERENCE}, same "
+        f"seed); 'helps'/'hurts' when |Δ| exceeds {NOISE_SE:g} standard errors of those paired "
+        "differences. s/epoch: training seconds per epoch (diagnostics off), measured with "
+        f"{args.parallel} process(es) sharing the machine.",
+        "",
+        "## Which methods help",
+        "",
+    ]
+    if not verdicts:
+        lines.append(
+            f"Nothing to compare: the {REFERENCE} runs or the other balancers are missing."
+        )
+    for model, groups in verdicts.items():
+        helps, hurts = groups.get("helps", []), groups.get("hurts", [])
+        neutral = groups.get("no clear difference", [])
+        other = {
+            k: v for k, v in groups.items() if k not in ("helps", "hurts", "no clear difference")
+        }
+        lines.append(
+            f"- {model}: help over {REFERENCE}: {', '.join(helps) or 'none'}; "
+            f"hurt: {', '.join(hurts) or 'none'}; no clear difference: {', '.join(neutral) or 'none'}"
+            + "".join(f"; {k}: {', '.join(v)}" for k, v in other.items())
+            + "."
+        )
+    failed = [r for r in runs if r["status"] != "ok"]
+    if failed:
+        lines += ["", "## Failed runs", ""]
+        lines += [
+            f"- {r['model']} / {r['balancer']} / seed {r['seed']}: {r['status']}" for r in failed
+        ]
+    lines += ["", "Per-run numbers: `runs.json`; per-run logs: each run folder's `train.log`.", ""]
+    path.write_text("\n".join(lines))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--models", nargs="+", default=MODELS)
+    parser.add_argument("--balancers", nargs="+", default=None, help="default: all registered")
+    parser.add_argument("--seeds", nargs="+", type=int, default=[1, 2, 3])
+    parser.add_argument("--epochs", type=int, default=None, help="override train.epochs")
+    parser.add_argument("--max-rows", type=int, default=None, help="cap rows per split (checks)")
+    parser.add_argument("--parallel", type=int, default=1, help="training processes at once")
+    parser.add_argument("--results-dir", type=Path, default=HERE, help="where results go")
+    parser.add_argument("--runs-dir", type=Path, default=None, help="default: RESULTS_DIR/runs")
+    parser.add_argument("--force", action="store_true", help="retrain runs that already exist")
+    args = parser.parse_args()
+    if args.parallel < 1:
+        parser.error("--parallel must be >= 1")
+    balancers = args.balancers or all_balancers()
+    if REFERENCE not in balancers:
+        balancers = [REFERENCE, *balancers]  # every verdict is relative to ew
+        print(f"adding {REFERENCE!r}: the comparisons need it", file=sys.stderr)
+    results_dir = args.results_dir.resolve()
+    runs_dir = (args.runs_dir or results_dir / "runs").resolve()
+    results_dir.mkdir(parents=True, exist_ok=True)
+
+    shared = REPO.parent / "shared" / "data"
+    if "MTLREC_DATA_DIR" not in os.environ and shared.is_dir():
+        os.environ["MTLREC_DATA_DIR"] = str(shared)  # as the Makefile and the tests do
+    jobs = [(m, b, s) for m in args.models for b in balancers for s in args.seeds]
+    print(f"{len(jobs)} runs, {args.parallel} at a time, into {runs_dir}", file=sys.stderr)
+    started = time.perf_counter()
+    runs: list[dict[str, Any]] = []
+    with ThreadPoolExecutor(max_workers=args.parallel) as pool:
+        futures = {pool.submit(run_one, m, b, s, args, runs_dir): (m, b, s) for m, b, s in jobs}
+        for done, future in enumerate(as_completed(futures), 1):
+            row = future.result()
+            runs.append(row)
+            print(
+                f"[{done}/{len(jobs)} {time.perf_counter() - started:,.0f}s] {json.dumps(row)}",
+                file=sys.stderr,
+                flush=True,
+            )
+            failed = sum(r["status"] != "ok" for r in runs)
+            if failed >= max(2, args.parallel) and failed == len(runs):
+                # The same mistake (data folder, option) would fail every remaining run.
+                for f in futures:
+                    f.cancel()
+                print("stopping: every run so far failed (see above)", file=sys.stderr)
+                break
+    order = {job: i for i, job in enumerate(jobs)}
+    runs.sort(key=lambda r: order[(r["model"], r["balancer"], r["seed"])])
+    rows = aggregate(runs)
+    (results_dir / "results.json").write_text(json.dumps(rows, indent=2) + "\n")
+    (results_dir / "runs.json").write_text(json.dumps(runs, indent=2) + "\n")
+    write_markdown(results_dir / "RESULTS.md", rows, runs, args)
+    print(f"wrote {results_dir / 'results.json'} and {results_dir / 'RESULTS.md'}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()

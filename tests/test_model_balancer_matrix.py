@@ -1,0 +1,110 @@
+"""Every registered model x every registered balancer runs a few training steps.
+
+The lists come from the registries, so a newly registered model or balancer is covered without
+editing this file. Each cell is tiny (three steps of 96 rows): the point is that the pair composes
+(parameter groups, auxiliary losses, custom optimizers), not that it learns. A model gets the
+first tiny funnel it accepts: click -> purchase, else click -> cart + click -> purchase (ESM²'s
+D-action layout); one that accepts neither fails.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from mtlrec.balance import build_balancer, describe_balancers
+from mtlrec.balance.grads import trainable
+from mtlrec.data.encoder import Encoder
+from mtlrec.errors import ConfigError
+from mtlrec.models import MTLModel, build_model, describe_models
+from mtlrec.schema import Schema
+from tests.conftest import FUNNEL_SCHEMA, funnel_frame
+
+MODELS = list(describe_models())
+BALANCERS = list(describe_balancers())
+STEPS = 3
+SCHEMAS = {
+    "click -> purchase": FUNNEL_SCHEMA,
+    "click -> cart, click -> purchase": {
+        "features": FUNNEL_SCHEMA["features"],
+        "tasks": [
+            {"name": "click"},
+            {"name": "cart", "depends_on": "click"},
+            {"name": "purchase", "depends_on": "click"},
+        ],
+    },
+}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def tiny_funnels(rows: int = 288, seed: int = 11) -> dict[str, tuple]:
+    """Schema label -> (encoder, table) on the same planted-signal rows (a ``cart`` column: half
+    of the clicks, for the three-task layout)."""
+    frame = funnel_frame(rows, seed=seed)
+    rng = np.random.default_rng(seed)
+    frame["cart"] = (frame["click"].astype(bool) & (rng.random(rows) < 0.5)).astype(int)
+    out = {}
+    for label, spec in SCHEMAS.items():
+        enc = Encoder(Schema.from_dict(spec)).fit(frame)
+        out[label] = (enc, enc.transform(frame))
+    return out
+
+
+def build_on_first_fit(name: str, funnels: dict[str, tuple], **options) -> tuple[MTLModel, object]:
+    """(model, table) for the first schema the model accepts; fails naming every refusal."""
+    refusals = []
+    for label, (enc, table) in funnels.items():
+        try:
+            return build_model(name, enc.schema, enc.layout(), {"embed_dim": 4, **options}), table
+        except ConfigError as exc:
+            refusals.append(f"{label}: {exc}")
+    pytest.fail(f"model {name!r} accepts none of the test schemas: " + "; ".join(refusals))
+
+
+@pytest.fixture(scope="module")
+def funnels():
+    return tiny_funnels()
+
+
+def test_the_matrix_covers_the_registries():
+    assert len(MODELS) >= 8 and len(BALANCERS) >= 17
+
+
+@pytest.mark.parametrize("balancer_name", BALANCERS)
+@pytest.mark.parametrize("model_name", MODELS)
+def test_model_trains_with_balancer(model_name, balancer_name, funnels):
+    torch.manual_seed(0)
+    model, table = build_on_first_fit(model_name, funnels)
+    balancer = build_balancer(balancer_name, model)
+    params = trainable(model.parameters())
+    optimizer = balancer.make_optimizer(params, lr=0.01, weight_decay=0.0) or torch.optim.Adam(
+        params, lr=0.01
+    )
+    before = [p.detach().clone() for p in params]
+    gen = torch.Generator().manual_seed(0)
+    steps = 0
+    for batch in table.batches(96, shuffle=True, generator=gen):
+        out = model(batch)
+        losses = model.task_losses(out, batch)
+        assert losses.shape == (model.num_tasks,)
+        assert torch.isfinite(losses).all(), losses
+        optimizer.zero_grad(set_to_none=True)
+        total = balancer.backward(losses, out.aux_loss)
+        assert math.isfinite(float(total))
+        optimizer.step()
+        steps += 1
+        if steps == STEPS:
+            break
+    assert steps == STEPS
+    assert all(torch.isfinite(p).all() for p in params)
+    assert any(not torch.equal(p.detach(), b) for p, b in zip(params, before))
