@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed-stamp
 TORCH := torch==2.13.0
 export MTLREC_DATA_DIR ?= $(abspath ../shared/data)
 
-.PHONY: venv demo test lint bench-census bench-serve clean
+.PHONY: venv demo test lint bench-census bench-balance bench-serve clean
 
 venv: $(STAMP)
 
@@ -35,6 +35,9 @@ bench-census: $(STAMP)
 
 clean:
 	rm -rf runs .pytest_cache
+
+bench-balance: $(STAMP)
+	$(BIN)/python benchmarks/balance/run.py --parallel 2
 
 bench-serve: $(STAMP)
 	$(BIN)/python benchmarks/serve/load_test.py

@@ -39,6 +39,8 @@ from datetime import date
 from pathlib import Path
 from typing import Any
 
+from mtlrec.bench.hardware import cpu_name
+
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]
 DATASET = "census-income"
@@ -52,16 +54,6 @@ def all_balancers() -> list[str]:
     from mtlrec.balance import describe_balancers
 
     return list(describe_balancers())
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
 
 
 def nproc() -> str:

@@ -39,18 +39,10 @@ import time
 from collections import Counter
 from pathlib import Path
 
+from mtlrec.bench.hardware import cpu_name
+
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def free_port() -> int:
