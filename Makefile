@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed-stamp
 TORCH := torch==2.13.0
 export MTLREC_DATA_DIR ?= $(abspath ../shared/data)
 
-.PHONY: venv demo test lint bench-census bench-balance bench-serve clean
+.PHONY: venv demo test lint bench-census bench-balance bench-cascade bench-serve clean
 
 venv: $(STAMP)
 
@@ -38,6 +38,9 @@ clean:
 
 bench-balance: $(STAMP)
 	$(BIN)/python benchmarks/balance/run.py --parallel 2
+
+bench-cascade: $(STAMP)
+	$(BIN)/python benchmarks/cascade/run.py
 
 bench-serve: $(STAMP)
 	$(BIN)/python benchmarks/serve/load_test.py

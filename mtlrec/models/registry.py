@@ -47,4 +47,4 @@ def describe_models() -> dict[str, str]:
 
 def _load_all() -> None:
     # Importing the modules runs their @register decorators.
-    from mtlrec.models import cascade, experts, hard, independent  # noqa: F401
+    from mtlrec.models import cascade, debias, experts, funnel, hard, independent  # noqa: F401

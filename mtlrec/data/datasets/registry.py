@@ -59,6 +59,8 @@ def _load_all() -> None:
     from mtlrec.data.datasets import (  # noqa: F401
         alibaba,
         census,
+        coat,
         files,
+        funnel,
         synthetic,
     )
