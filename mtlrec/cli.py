@@ -1,4 +1,4 @@
-"""Command line: ``mtlrec train | evaluate | compare | list``.
+"""mtlrec: multi-task models for recommendation, from data to a scoring service.
 
 Errors the user can cause (a bad file, column, key or name) print one line and exit with status 2.
 """
