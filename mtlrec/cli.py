@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import Annotated, Any
@@ -57,6 +58,13 @@ def train(
             "(train.diagnose=true; extra backward passes)"
         ),
     ] = False,
+    stream: Annotated[
+        bool,
+        typer.Option(
+            help="Stream the training Parquet file(s) from disk in bounded memory "
+            "(train.stream=true; automatic above train.stream_threshold_mb)"
+        ),
+    ] = False,
 ) -> None:
     """Train a model, select it on validation, evaluate the test split once."""
     from mtlrec import config as cfg
@@ -86,13 +94,18 @@ def train(
             overrides.append({"train": {"progress": False}})
         if diagnose:
             overrides.append({"train": {"diagnose": True}})
+        if stream:
+            overrides.append({"train": {"stream": True}})
         resolved = cfg.resolve(user, overrides)
         echo = (lambda *_: None) if quiet else (lambda msg: err.print(msg, highlight=False))
         metrics = train_run(resolved, out, resume=resume, echo=echo)
     except MTLRecError as exc:
         _fail(exc)
-    _print_metrics(metrics, title=f"{resolved['model']['name']} on {resolved['dataset']['name']}")
-    console.print(f"wrote {out / 'metrics.json'}", highlight=False)
+    if os.environ.get("RANK", "0") == "0":  # under torchrun only rank 0 reports
+        _print_metrics(
+            metrics, title=f"{resolved['model']['name']} on {resolved['dataset']['name']}"
+        )
+        console.print(f"wrote {out / 'metrics.json'}", highlight=False)
 
 
 @app.command()
@@ -237,7 +250,20 @@ def _print_metrics(metrics: dict[str, Any], title: str) -> None:
 
 def main() -> None:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    app()
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        app()
+        return
+    # Under torchrun: leave without running C++ static destructors. A rank that exits while
+    # its peer is still shutting gloo down can otherwise abort at exit ("terminate called
+    # without an active exception") after all its work is done and written.
+    try:
+        app()
+        code = 0
+    except SystemExit as exc:
+        code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 if __name__ == "__main__":

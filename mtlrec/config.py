@@ -43,6 +43,10 @@ class TrainConfig:
     progress: bool = True
     diagnose: bool = False  # record per-task gradient norms / cosines (diagnostics.json)
     diagnose_every: int = 1  # record every N-th training step when diagnosing
+    optimizer: str = "adam"  # "adam" or "sgd" (plain SGD: exact comparisons, ablations)
+    stream: bool = False  # stream the training Parquet from disk instead of loading it
+    stream_threshold_mb: float = 2048.0  # stream automatically above this training-file size
+    shuffle_buffer: int = 65536  # rows held by the streaming reader's shuffle buffer
 
     def __post_init__(self) -> None:
         if self.monitor not in ("auc", "loss"):
@@ -54,6 +58,12 @@ class TrainConfig:
             raise ConfigError("train.lr must be > 0")
         if not 0 < self.lr_decay <= 1:
             raise ConfigError("train.lr_decay must be in (0, 1]")
+        if self.optimizer not in ("adam", "sgd"):
+            raise ConfigError(f"train.optimizer: {self.optimizer!r} is not 'adam' or 'sgd'")
+        if self.shuffle_buffer < 1:
+            raise ConfigError("train.shuffle_buffer must be >= 1")
+        if self.stream_threshold_mb < 0:
+            raise ConfigError("train.stream_threshold_mb must be >= 0")
 
 
 def default_config() -> dict[str, Any]:

@@ -39,7 +39,10 @@ def funnel_frame(n: int, seed: int = 0) -> pd.DataFrame:
     user = rng.integers(0, 20, n)
     item = rng.integers(0, 30, n)
     price = rng.normal(0, 1, n)
-    tags = ["|".join(f"t{t}" for t in rng.choice(6, rng.integers(0, 4), replace=False)) for _ in range(n)]
+    tags = [
+        "|".join(f"t{t}" for t in rng.choice(6, rng.integers(0, 4), replace=False))
+        for _ in range(n)
+    ]
     has_t0 = np.array(["t0" in t.split("|") for t in tags])
     click_logit = 1.5 * (user % 2 == 0) + 1.0 * (item < 10) - 1.0
     click = rng.random(n) < 1 / (1 + np.exp(-click_logit * 2))

@@ -17,14 +17,18 @@ def _schema(**kw):
 
 
 def test_vocabulary_oov_and_offsets():
-    train = pd.DataFrame({"c": ["a", "b", "a", "c"], "x": ["1", "2", "3", ""], "y": ["0", "1", "0", "1"]})
+    train = pd.DataFrame(
+        {"c": ["a", "b", "a", "c"], "x": ["1", "2", "3", ""], "y": ["0", "1", "0", "1"]}
+    )
     enc = Encoder(_schema(min_freq=2)).fit(train)
     layout = enc.layout()
     # row 0 = padding; feature 'c' owns rows 1.. with OOV first; only 'a' is frequent enough
     assert layout.field_offsets == (1,)
     assert layout.field_sizes == (2,)
     assert layout.vocab_size == 3
-    table = enc.transform(pd.DataFrame({"c": ["a", "b", "zzz"], "x": ["2", "nan", "?"], "y": [1, 0, 1]}))
+    table = enc.transform(
+        pd.DataFrame({"c": ["a", "b", "zzz"], "x": ["2", "nan", "?"], "y": [1, 0, 1]})
+    )
     assert table.cat[:, 0].tolist() == [2, 1, 1]  # a -> 1+1, rare b and unseen zzz -> OOV (1+0)
     # numeric: mean of 1,2,3 = 2 (missing ignored), missing at transform -> mean -> 0 after scaling
     assert table.num[0, 0].item() == pytest.approx(0.0)

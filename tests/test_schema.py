@@ -29,10 +29,16 @@ def test_schema_yaml_file_is_read(tmp_path):
     [
         ({"features": [{"name": "a", "kind": "x"}], "tasks": [{"name": "y"}]}, "kind"),
         ({"features": [{"name": "a", "type": "text"}], "tasks": [{"name": "y"}]}, "text"),
-        ({"features": [{"name": "a"}], "tasks": [{"name": "y", "type": "multiclass"}]}, "multiclass"),
+        (
+            {"features": [{"name": "a"}], "tasks": [{"name": "y", "type": "multiclass"}]},
+            "multiclass",
+        ),
         ({"features": [{"name": "a"}], "tasks": [{"name": "y", "depends_on": "z"}]}, "'z'"),
         (
-            {"features": [{"name": "a"}], "tasks": [{"name": "b", "depends_on": "c"}, {"name": "c"}]},
+            {
+                "features": [{"name": "a"}],
+                "tasks": [{"name": "b", "depends_on": "c"}, {"name": "c"}],
+            },
             "listed before",
         ),
         ({"features": [{"name": "a"}], "tasks": []}, "at least one task"),

@@ -7,6 +7,15 @@ a [T, D] matrix; the methods combine it, and :meth:`TaskGrads.write_shared` puts
 
 Gradients are dense: the flat matrix needs them so (embedding tables use ``sparse=False`` in this
 codebase, so nothing is densified that was not dense already).
+
+Data parallelism (torchrun): each rank's losses are its share of the global-batch loss
+(:func:`mtlrec.train.distributed.sync_losses`), so its task gradients are shares too.
+:func:`task_gradients` sums the [T, D] matrix and the task-specific gradients over ranks before
+any method looks at them: the surgery then runs on the global per-task gradients and every rank
+computes the same update (T x D floats per step instead of the D of a plain backward). The
+update is written as a 1/world share, because the trainer sums every ``.grad`` over ranks after
+the balancer (which also covers what a balancer adds with a plain backward, such as a model's
+auxiliary loss).
 """
 
 from __future__ import annotations
@@ -19,6 +28,7 @@ from torch import nn
 
 from mtlrec.balance.base import Balancer
 from mtlrec.models.base import MTLModel
+from mtlrec.train import distributed as dist
 
 
 def trainable(params: Iterable[nn.Parameter]) -> list[nn.Parameter]:
@@ -54,6 +64,8 @@ class TaskGrads:
     ``matrix``: [T, D] gradients of the shared parameters, zeros where a task does not reach one.
     ``used``: [T, P] True where task t's loss reaches shared tensor p at all.
     ``own``: per task, the gradients of that task's own parameters (None where unused).
+    ``share``: the factor applied when writing into ``.grad`` (1 / world under data parallelism,
+    where the matrix already holds the global gradients and the trainer sums ``.grad`` again).
     """
 
     shared: list[nn.Parameter]
@@ -61,6 +73,7 @@ class TaskGrads:
     used: torch.Tensor
     own_params: list[list[nn.Parameter]]
     own: list[list[torch.Tensor | None]]
+    share: float = 1.0
 
     @property
     def sizes(self) -> list[int]:
@@ -84,6 +97,8 @@ class TaskGrads:
         """Accumulate the combined [D] vector into the shared parameters' ``.grad``; a tensor no
         task reaches keeps ``.grad`` untouched (None stays None, as after a plain backward)."""
         reached = self.used.any(0).tolist()
+        if self.share != 1.0:
+            vector = vector * self.share
         for p, g, ok in zip(self.shared, vector.split(self.sizes), reached):
             if ok:
                 accumulate(p, g.reshape(p.shape).to(p.dtype))
@@ -93,6 +108,8 @@ class TaskGrads:
         for t, (params, grads) in enumerate(zip(self.own_params, self.own)):
             for p, g in zip(params, grads):
                 if g is not None:
+                    if self.share != 1.0:
+                        g = g * self.share
                     accumulate(p, g if scale is None else g * scale[t].to(g.dtype))
 
 
@@ -111,13 +128,37 @@ def task_gradients(model: MTLModel, losses: torch.Tensor) -> TaskGrads:
         rows.append(flatten(grads[: len(shared)], shared).to(losses.device))
         used.append([g is not None for g in grads[: len(shared)]])
         own.append(list(grads[len(shared) :]))
+    matrix = torch.stack(rows)
+    used_mask = torch.tensor(used, dtype=torch.bool).reshape(len(rows), len(shared))
+    share = 1.0
+    if dist.active():  # sum the ranks' shares: the methods see the global task gradients
+        matrix, used_mask, own = _all_reduce_task_grads(matrix, used_mask, own, own_params)
+        share = 1.0 / dist.world()
     return TaskGrads(
-        shared=shared,
-        matrix=torch.stack(rows),
-        used=torch.tensor(used, dtype=torch.bool).reshape(len(rows), len(shared)),
-        own_params=own_params,
-        own=own,
+        shared=shared, matrix=matrix, used=used_mask, own_params=own_params, own=own, share=share
     )
+
+
+def _all_reduce_task_grads(
+    matrix: torch.Tensor,
+    used: torch.Tensor,
+    own: list[list[torch.Tensor | None]],
+    own_params: list[list[nn.Parameter]],
+) -> tuple[torch.Tensor, torch.Tensor, list[list[torch.Tensor | None]]]:
+    """Sum the [T, D] matrix, the [T, P] "reached" flags and every task-specific gradient over
+    ranks, in bucketed flat all-reduces (a gradient stays None only if it is None everywhere)."""
+    flat_own = [g for grads in own for g in grads]
+    like = [p for params in own_params for p in params]
+    reduced = dist.all_reduce_flat(
+        [matrix, used.to(matrix.dtype), *flat_own], like=[matrix, matrix, *like]
+    )
+    matrix_sum, used_sum, rest = reduced[0], reduced[1], reduced[2:]
+    assert matrix_sum is not None and used_sum is not None
+    out_own, k = [], 0
+    for grads in own:
+        out_own.append(list(rest[k : k + len(grads)]))
+        k += len(grads)
+    return matrix_sum, used_sum > 0, out_own
 
 
 def backward_aux(aux_loss: torch.Tensor | None) -> torch.Tensor:

@@ -3,6 +3,12 @@
 A run directory holds everything needed later, without the training process:
 ``config.yaml`` (resolved), ``schema.json``, ``encoder.json``, ``model.pt`` (best weights),
 ``checkpoint.pt`` (resumable state), ``history.json`` and ``metrics.json``.
+
+Under torchrun (several processes) every rank runs :func:`train_run`: rank 0 fits the encoder and
+hands it to the others, writes every file and prints; all ranks train and evaluate together
+(:mod:`mtlrec.train.distributed`). A Parquet training split larger than
+``train.stream_threshold_mb`` (or any, with ``train.stream`` / ``--stream``) is streamed from disk
+(:mod:`mtlrec.data.stream`); the validation and test splits are always read into memory.
 """
 
 from __future__ import annotations
@@ -20,11 +26,15 @@ import torch
 import yaml
 
 from mtlrec.balance import build_balancer
-from mtlrec.config import split_named, train_config
+from mtlrec.config import TrainConfig, split_named, train_config
 from mtlrec.data.datasets import DatasetSplits, load_dataset
 from mtlrec.data.encoder import Encoder
-from mtlrec.errors import DataError, MTLRecError
+from mtlrec.data.source import BatchSource
+from mtlrec.data.table import TensorTable
+from mtlrec.errors import ConfigError, DataError, MTLRecError
 from mtlrec.models import MTLModel, build_model
+from mtlrec.schema import Schema
+from mtlrec.train import distributed as dist
 from mtlrec.train.checkpoint import save_json, save_text, save_torch
 from mtlrec.train.diagnostics import DIAGNOSTICS_FILE, GradientMonitor
 from mtlrec.train.trainer import EpochRecord, Trainer, evaluate
@@ -51,31 +61,70 @@ def train_run(
     echo=print,
 ) -> dict[str, Any]:
     """Train, select on validation, test once; returns the metrics written to metrics.json."""
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     tcfg = train_config(config["train"])
+    created = dist.init(tcfg.device)  # under torchrun: join the process group
+    try:
+        return _train_run(config, tcfg, Path(out_dir), resume, echo)
+    finally:
+        if created:
+            dist.cleanup()
+
+
+def _train_run(
+    config: dict[str, Any], tcfg: TrainConfig, out: Path, resume: bool, echo
+) -> dict[str, Any]:
+    main = dist.is_main()  # rank 0 (or the only process) writes files and prints
+    if main:
+        out.mkdir(parents=True, exist_ok=True)
+    else:
+        echo = lambda *_: None  # noqa: E731
     if tcfg.threads:
         torch.set_num_threads(tcfg.threads)
+    dist.local_batch_size(tcfg.batch_size)  # the global batch must split evenly over ranks
     seed_everything(tcfg.seed)
     model_name, model_options = split_named(config["model"], "model")
     balance_name, balance_options = split_named(config["balance"], "balance")
 
     started = time.perf_counter()
-    splits = load_splits(config)
-    encoder = Encoder(splits.schema).fit(splits.train, where=_where(splits.train, "train"))
-    train = encoder.transform(splits.train, where=_where(splits.train, "train"))
-    valid = encoder.transform(splits.valid, where=_where(splits.valid, "valid"))
+    stream_path = _stream_path(config, tcfg)
+    train: TensorTable | BatchSource
+    if stream_path is not None:
+        from mtlrec.data.stream import ParquetStream, fit_encoder_stream
+
+        schema, valid_frame, test_frame = _eval_frames(config)
+        max_rows = (config["dataset"] or {}).get("max_rows")
+        encoder = dist.main_then_broadcast(
+            lambda: fit_encoder_stream(schema, stream_path, max_rows=max_rows, seed=tcfg.seed)
+        )
+        train = ParquetStream(
+            stream_path,
+            encoder,
+            rank=dist.rank(),
+            world=dist.world(),
+            buffer_rows=tcfg.shuffle_buffer,
+            max_rows=max_rows,
+        )
+        echo(f"streaming {stream_path}: {len(train):,} rows, {tcfg.shuffle_buffer:,}-row buffer")
+    else:
+        splits = load_splits(config)
+        schema, valid_frame, test_frame = splits.schema, splits.valid, splits.test
+        encoder = dist.main_then_broadcast(
+            lambda: Encoder(schema).fit(splits.train, where=_where(splits.train, "train"))
+        )
+        train = encoder.transform(splits.train, where=_where(splits.train, "train"))
+    valid = encoder.transform(valid_frame, where=_where(valid_frame, "valid"))
     if len(train) == 0 or len(valid) == 0:
         raise DataError("the train and validation splits need at least one row each")
     load_seconds = time.perf_counter() - started
 
-    model = build_model(model_name, splits.schema, encoder.layout(), model_options)
+    model = build_model(model_name, schema, encoder.layout(), model_options)
     balancer = build_balancer(balance_name, model, balance_options)
-    encoder.save(out / "encoder.json")
-    splits.schema.save(out / "schema.json")
-    save_text(yaml.safe_dump(config, sort_keys=False), out / "config.yaml")
+    if main:
+        encoder.save(out / "encoder.json")
+        schema.save(out / "schema.json")
+        save_text(yaml.safe_dump(config, sort_keys=False), out / "config.yaml")
     monitor = GradientMonitor.from_config(model, tcfg)  # None unless train.diagnose
-    if not resume:  # a stale file from an earlier run in this folder would mislead 'report'
+    if not resume and main:  # a stale file from an earlier run here would mislead 'report'
         (out / DIAGNOSTICS_FILE).unlink(missing_ok=True)
 
     def report(rec: EpochRecord) -> None:
@@ -86,7 +135,7 @@ def train_run(
             f"epoch {rec.epoch}: valid {parts}  ({rec.seconds:.1f}s, "
             f"{rec.samples_per_second:,.0f} samples/s)"
         )
-        if monitor is not None:  # written every epoch, so a crashed run keeps its diagnostics
+        if monitor is not None and main:  # every epoch: a crashed run keeps its diagnostics
             monitor.save(out / DIAGNOSTICS_FILE)
             for line in monitor.warnings():
                 echo(line)
@@ -100,24 +149,32 @@ def train_run(
         monitor=monitor,
     )
     ckpt = out / "checkpoint.pt"
-    if resume and ckpt.exists():
-        trainer.load_state(torch.load(ckpt, weights_only=False))
-        echo(f"resumed from {ckpt} at epoch {trainer.start_epoch + 1}")
-        if monitor is not None:
-            monitor.restore(out / DIAGNOSTICS_FILE, trainer.start_epoch)
+    if resume:
+        # Rank 0 reads the checkpoint and hands it to every rank (no shared filesystem needed).
+        state = dist.broadcast_object(
+            torch.load(ckpt, weights_only=False) if main and ckpt.exists() else None
+        )
+        if state is not None:
+            trainer.load_state(state)
+            echo(f"resumed from {ckpt} at epoch {trainer.start_epoch + 1}")
+            if monitor is not None:
+                monitor.restore(out / DIAGNOSTICS_FILE, trainer.start_epoch)
     result = trainer.fit(train, valid)
 
-    save_torch(
-        {"model": model_name, "options": model_options, "state_dict": model.state_dict()},
-        out / "model.pt",
-    )
+    if main:
+        save_torch(
+            {"model": model_name, "options": model_options, "state_dict": model.state_dict()},
+            out / "model.pt",
+        )
     # The test split is encoded and read exactly once, here, after model selection.
-    test = encoder.transform(splits.test, where=_where(splits.test, "test"))
+    test = encoder.transform(test_frame, where=_where(test_frame, "test"))
     metrics = {
         "valid": evaluate(model, valid, tcfg.eval_batch_size),
         "test": evaluate(model, test, tcfg.eval_batch_size) if len(test) else {},
     }
     metrics = _clean(metrics)
+    if not main:
+        return metrics
     save_json(metrics, out / "metrics.json")
     save_json(
         {
@@ -161,6 +218,52 @@ def evaluate_run(run_dir: str | Path, data: str | None = None) -> dict[str, Any]
     splits = load_splits(config)
     table = encoder.transform(splits.test, where=_where(splits.test, "test"))
     return _clean({"test": evaluate(model, table, batch)})
+
+
+def _stream_path(config: dict[str, Any], tcfg: TrainConfig) -> str | None:
+    """The training Parquet file or folder to stream, or None to load the split in memory:
+    with ``train.stream``, or automatically above ``train.stream_threshold_mb``."""
+    from mtlrec.data.stream import data_size_mb, is_parquet
+
+    name, options = split_named(config["dataset"], "dataset")
+    path = options.get("train") if name == "files" else None
+    if tcfg.stream:
+        if not path or not is_parquet(path):
+            raise ConfigError(
+                "train.stream: streaming reads a Parquet training split; use dataset.name: files "
+                "with dataset.train set to a .parquet file or a folder of them"
+                + (f" (got {path})" if path else f" (dataset is {name!r})")
+            )
+        return str(path)
+    if path and is_parquet(path) and data_size_mb(path) > tcfg.stream_threshold_mb:
+        return str(path)
+    return None
+
+
+def _eval_frames(config: dict[str, Any]):
+    """Schema, validation and test frames of a 'files' dataset whose training split streams."""
+    from mtlrec.data.readers import read_frame
+
+    _, options = split_named(config["dataset"], "dataset")
+    allowed = {"train", "valid", "test", "schema", "sep", "max_rows"}
+    unknown = sorted(set(options) - allowed)
+    if unknown:
+        raise ConfigError(
+            f"unknown key(s) dataset.{', dataset.'.join(unknown)} for dataset 'files'; "
+            f"allowed: {', '.join(['name', *sorted(allowed)])}"
+        )
+    if not options.get("valid") or not options.get("schema"):
+        raise ConfigError("dataset 'files' needs dataset.train, dataset.valid and dataset.schema")
+    schema = Schema.load(options["schema"])
+    cols = schema.required_columns()
+    sep, max_rows = options.get("sep", ","), options.get("max_rows")
+    valid = read_frame(options["valid"], columns=cols, sep=sep, max_rows=max_rows)
+    test = (
+        read_frame(options["test"], columns=cols, sep=sep, max_rows=max_rows)
+        if options.get("test")
+        else valid.iloc[:0]
+    )
+    return schema, valid, test
 
 
 def _where(frame, split: str) -> str:

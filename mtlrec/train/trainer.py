@@ -2,6 +2,11 @@
 
 Model selection reads the validation split only; the test split is never seen here (the run
 evaluates it once, after training, with the restored best model).
+
+Training batches come from a :class:`~mtlrec.data.source.BatchSource` (tensors in memory or a
+Parquet stream). Under torchrun every rank runs this loop on its part of each global batch; the
+synchronisation points (losses, gradients, evaluation, early stopping) are described in
+:mod:`mtlrec.train.distributed`.
 """
 
 from __future__ import annotations
@@ -20,9 +25,11 @@ import torch
 
 from mtlrec.balance.base import Balancer
 from mtlrec.config import TrainConfig
+from mtlrec.data.source import BatchSource, as_source
 from mtlrec.data.table import TensorTable
-from mtlrec.errors import MTLRecError
+from mtlrec.errors import ConfigError, MTLRecError
 from mtlrec.models.base import MTLModel
+from mtlrec.train import distributed as dist
 from mtlrec.train.checkpoint import save_torch
 from mtlrec.train.metrics import monitor_value, task_metrics
 
@@ -67,12 +74,25 @@ def predict(
         cond_parts.append(cond)
         joint_parts.append(joint)
     model.train(was_training)
+    if not cond_parts:  # an empty shard of a split smaller than the number of ranks
+        empty = torch.zeros(0, model.num_tasks)
+        return empty, empty.clone()
     return torch.cat(cond_parts), torch.cat(joint_parts)
 
 
 def evaluate(model: MTLModel, table: TensorTable, batch_size: int) -> dict[str, dict[str, float]]:
-    cond, joint = predict(model, table, batch_size)
-    return task_metrics(model.schema, table.labels, cond, joint)
+    """Per-task metrics of a split. With several ranks each predicts a contiguous shard and the
+    predictions are gathered in order, so AUC is over the whole split (not a mean of per-shard
+    AUCs); rank 0 computes the metrics and every rank receives them."""
+    if not dist.active():
+        cond, joint = predict(model, table, batch_size)
+        return task_metrics(model.schema, table.labels, cond, joint)
+    lo, hi = dist.shard_bounds(len(table), dist.rank(), dist.world())
+    cond, joint = predict(model, table.slice(lo, hi), batch_size)
+    both = dist.all_gather_tensor(torch.cat([cond, joint], 1))
+    cond, joint = both.split(model.num_tasks, 1)
+    metrics = task_metrics(model.schema, table.labels, cond, joint) if dist.is_main() else None
+    return dist.broadcast_object(metrics)
 
 
 class Trainer:
@@ -93,13 +113,20 @@ class Trainer:
         # Optional diagnostics (train.diagnose); None keeps the step loop at one `if`.
         self.monitor = monitor
         params = [p for p in model.parameters() if p.requires_grad]
+        self.params = params
         # A balancer that changes the update rule itself (AdaTask) supplies the optimizer.
         custom = balancer.make_optimizer(params, lr=config.lr, weight_decay=config.weight_decay)
+        self.custom_optimizer = custom is not None
+        optimizer_class = torch.optim.SGD if config.optimizer == "sgd" else torch.optim.Adam
         self.optimizer = (
             custom
             if custom is not None
-            else torch.optim.Adam(params, lr=config.lr, weight_decay=config.weight_decay)
+            else optimizer_class(params, lr=config.lr, weight_decay=config.weight_decay)
         )
+        # Data parallelism (torchrun): train.batch_size is the global batch.
+        self.rank, self.world = dist.rank(), dist.world()
+        dist.local_batch_size(config.batch_size, self.world)
+        self._placeholder: TensorTable | None = None
         self.scheduler = torch.optim.lr_scheduler.ExponentialLR(self.optimizer, config.lr_decay)
         self.generator = torch.Generator().manual_seed(config.seed)
         self.result = FitResult()
@@ -146,9 +173,10 @@ class Trainer:
         self.result = state["result"]
 
     # --- the loop --------------------------------------------------------------------------------
-    def fit(self, train: TensorTable, valid: TensorTable) -> FitResult:
+    def fit(self, train: TensorTable | BatchSource, valid: TensorTable) -> FitResult:
         cfg = self.config
         names = self.model.schema.task_names
+        source = as_source(train, self.rank, self.world)
         progress = _Progress(enabled=cfg.progress)
         for epoch in range(self.start_epoch, cfg.epochs):
             self.model.train()
@@ -160,17 +188,18 @@ class Trainer:
                 self.generator.set_state(self.epoch_generator_state)
             skip = steps = self.step_in_epoch
             loss_sum = self.loss_sum
-            total = train.num_batches(cfg.batch_size)
+            total = source.num_batches(cfg.batch_size)
             with progress.task(f"epoch {epoch + 1}/{cfg.epochs}", total) as advance:
-                batches = train.batches(cfg.batch_size, shuffle=True, generator=self.generator)
+                batches = source.epoch_batches(epoch, cfg.batch_size, self.generator)
                 for batch in itertools.islice(batches, skip, None):
-                    out = self.model(batch)
-                    losses = self.model.task_losses(out, batch)
+                    losses, aux_loss = self._losses(batch, source)
                     self._check_finite(losses.detach(), epoch, steps)
                     if self.monitor is not None:  # before the balancer frees the graph
                         self.monitor.on_step(self.model, losses)
                     self.optimizer.zero_grad(set_to_none=True)
-                    self.balancer.backward(losses, out.aux_loss)
+                    self.balancer.backward(losses, aux_loss)
+                    if self.world > 1:  # sum the ranks' gradient shares
+                        dist.reduce_grads(self.params)
                     self.optimizer.step()
                     loss_sum += losses.detach()
                     steps += 1
@@ -179,6 +208,7 @@ class Trainer:
                         self.step_in_epoch = steps
                         self._save()
             self.step_in_epoch = 0
+            dist.check_replicas(self.params)
             mean_loss = loss_sum / max(steps, 1)
             self.scheduler.step()
             seconds = time.perf_counter() - started
@@ -192,7 +222,7 @@ class Trainer:
                 valid=metrics,
                 monitor=value,
                 seconds=seconds,
-                samples_per_second=len(train) / seconds if seconds > 0 else math.inf,
+                samples_per_second=len(source) / seconds if seconds > 0 else math.inf,
             )
             self.result.history.append(record)
             if value > self.result.best_monitor:
@@ -206,15 +236,48 @@ class Trainer:
             if self.on_epoch:
                 self.on_epoch(record)
             self._save()
-            if self.bad_epochs > cfg.patience:
+            stop = self.bad_epochs > cfg.patience
+            if self.world > 1:  # decided on rank 0 (the metrics already are the same everywhere)
+                stop = dist.broadcast_object(stop)
+            if stop:
                 self.result.stopped_early = True
                 break
         if self.best_state is not None:
             self.model.load_state_dict(self.best_state)
         return self.result
 
+    def _losses(
+        self, batch: TensorTable, source: BatchSource
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Forward one batch: per-task losses [T] (attached) and the model's auxiliary loss.
+
+        With several ranks these are the global-batch values (:func:`dist.sync_losses`); a rank
+        whose part of the step is empty runs one placeholder row with zero weight, so that every
+        rank takes part in the step's collectives."""
+        if self.world == 1:
+            out = self.model(batch)
+            return self.model.task_losses(out, batch), out.aux_loss
+        rows = len(batch)
+        if rows == 0:
+            if self._placeholder is None:
+                self._placeholder = source.placeholder()
+            batch = self._placeholder
+        elif self._placeholder is None:
+            self._placeholder = batch.head(1)
+        out = self.model(batch)
+        if out.aux_loss is not None and self.custom_optimizer:
+            raise ConfigError(
+                f"balancer {self.balancer.name!r} with model {self.model.name!r}: a balancer that "
+                "brings its own optimizer cannot be combined with a model's auxiliary loss "
+                "across several processes; train with one process"
+            )
+        weights = dist.loss_weights(self.model, batch)
+        if rows == 0:
+            weights = torch.zeros_like(weights)
+        return dist.sync_losses(self.model.task_losses(out, batch), weights, out.aux_loss, rows)
+
     def _save(self) -> None:
-        if self.checkpoint_path is not None:
+        if self.checkpoint_path is not None and dist.is_main():
             save_torch(self.state(), self.checkpoint_path)
 
     def _check_finite(self, losses: torch.Tensor, epoch: int, step: int) -> None:
