@@ -47,4 +47,21 @@ def describe_models() -> dict[str, str]:
 
 def _load_all() -> None:
     # Importing the modules runs their @register decorators.
-    from mtlrec.models import cascade, debias, experts, funnel, hard, independent  # noqa: F401
+    from mtlrec.models import (  # noqa: F401
+        cascade,
+        debias,
+        distill,
+        embedding_experts,
+        experts,
+        funnel,
+        hard,
+        hierarchical,
+        hierarchy_experts,
+        independent,
+        kernel_experts,
+        prototype,
+        soft,
+        sparse,
+        sparse_experts,
+        task_aware,
+    )

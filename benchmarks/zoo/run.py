@@ -1,0 +1,302 @@
+"""Census-Income model zoo: every registered model that takes two parallel binary tasks.
+
+Why: the models come from different papers, each with its own data and tuning; this puts all of
+them on one public split with everything else fixed (dataset preset, seeds, one torch thread per
+run, same machine) and reports test AUC per task, size and cost side by side.
+
+Usage::
+
+    python benchmarks/zoo/run.py                          # every eligible model x seeds 1 2 3
+    python benchmarks/zoo/run.py --parallel 2             # two training processes at a time
+    python benchmarks/zoo/run.py --models mmoe mssm --seeds 1 --epochs 1 \
+        --results-dir /tmp/zoo                            # a quick end-to-end check
+
+Eligibility: before training, every requested model is built (default options) on a tiny schema
+with two parallel binary tasks, as Census-Income has (income, never married). A model that
+refuses it with a ``ConfigError`` (funnel models that need ``depends_on`` tasks, for instance)
+is skipped and listed in RESULTS.md with its reason; a training run that fails is listed too.
+
+Each run is ``python -m mtlrec.cli train --dataset census-income --model M --seed S --out
+RUNS/M-seedS --quiet --set train.threads=1 --resume`` (model sizes from the preset's ``models:``
+block, early stopping on validation AUC, the test split read once). A run whose ``metrics.json``
+exists is reused and an interrupted one resumes from its checkpoint, so the benchmark can be
+stopped and restarted (``--force`` retrains). Writes, in ``--results-dir`` (default: this
+folder): ``results.json`` (rows ``{model, task, auc_mean, auc_std, seeds, parameters,
+seconds_per_epoch, epochs_run}``), ``runs.json`` (one row per run) and ``RESULTS.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor, as_completed
+from datetime import date
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parents[1]
+DATASET = "census-income"
+TASKS = ("income", "marital")
+
+
+def registered_models() -> list[str]:
+    """Every registered model, in ``mtlrec list models`` order."""
+    from mtlrec.models import describe_models
+
+    return list(describe_models())
+
+
+def screen(models: list[str]) -> tuple[list[str], dict[str, str]]:
+    """(models that accept two parallel binary tasks, {refusing model: its ConfigError}).
+
+    The probe schema mirrors Census-Income's shape: categorical fields, a numeric field that is
+    also bucketised (the preset embeds numeric buckets) and two binary tasks without
+    ``depends_on``."""
+    import numpy as np
+    import pandas as pd
+
+    from mtlrec.data.encoder import Encoder
+    from mtlrec.errors import ConfigError
+    from mtlrec.models import build_model
+    from mtlrec.schema import Feature, Schema, Task
+
+    rng = np.random.default_rng(0)
+    rows = 64
+    frame = pd.DataFrame(
+        {
+            "sex": rng.choice(["Male", "Female"], rows),
+            "education": rng.choice(["a", "b", "c", "d"], rows),
+            "age": rng.integers(18, 80, rows).astype(float),
+            TASKS[0]: rng.integers(0, 2, rows),
+            TASKS[1]: rng.integers(0, 2, rows),
+        }
+    )
+    schema = Schema(
+        features=[Feature("sex"), Feature("education"), Feature("age", "numeric", buckets=4)],
+        tasks=[Task(TASKS[0]), Task(TASKS[1])],
+    )
+    layout = Encoder(schema).fit(frame).layout()
+    eligible, refused = [], {}
+    for name in models:
+        try:
+            build_model(name, schema, layout)
+        except ConfigError as exc:
+            refused[name] = str(exc)
+        else:
+            eligible.append(name)
+    return eligible, refused
+
+
+def train_command(model: str, seed: int, out: Path, args: argparse.Namespace) -> list[str]:
+    cmd = [
+        sys.executable, "-m", "mtlrec.cli", "train", "--dataset", DATASET, "--model", model,
+        "--seed", str(seed), "--out", str(out), "--quiet", "--set", "train.threads=1", "--resume",
+    ]  # fmt: skip
+    if args.epochs is not None:
+        cmd += ["--epochs", str(args.epochs)]
+    if args.max_rows is not None:
+        cmd += ["--max-rows", str(args.max_rows)]
+    return cmd
+
+
+def run_one(model: str, seed: int, args: argparse.Namespace, runs_dir: Path) -> dict[str, Any]:
+    """Train (or reuse) one run; return its row (``status`` says whether it worked)."""
+    out = runs_dir / f"{model}-seed{seed}"
+    row: dict[str, Any] = {"model": model, "seed": seed, "run": str(out)}
+    if args.force and out.exists():
+        shutil.rmtree(out)
+    wall = None
+    if not (out / "metrics.json").exists():
+        out.mkdir(parents=True, exist_ok=True)
+        env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+        started = time.perf_counter()
+        with (out / "train.log").open("w") as log:
+            proc = subprocess.run(
+                train_command(model, seed, out, args), stdout=log, stderr=subprocess.STDOUT, env=env
+            )
+        wall = time.perf_counter() - started
+        if proc.returncode != 0:
+            tail = (out / "train.log").read_text().strip().splitlines()[-1:] or ["(no output)"]
+            return {**row, "status": f"failed (exit {proc.returncode}): {tail[0]}"}
+    metrics = json.loads((out / "metrics.json").read_text())
+    history = json.loads((out / "history.json").read_text())
+    epochs = history.get("epochs") or []
+    split = "test" if metrics.get("test") else "valid"
+    return {
+        **row,
+        "status": "ok",
+        "split": split,
+        "auc": {t: m.get("auc") for t, m in metrics[split].items()},
+        "parameters": history.get("parameters"),
+        "epochs_run": len(epochs),
+        "best_epoch": history.get("best_epoch"),
+        "seconds_per_epoch": statistics.mean(e["seconds"] for e in epochs) if epochs else None,
+        "wall_seconds": wall,
+    }
+
+
+def aggregate(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per model and task: mean and sample standard deviation of test AUC over seeds."""
+    rows = []
+    ok = [r for r in runs if r["status"] == "ok"]
+    for model in dict.fromkeys(r["model"] for r in ok):
+        group = [r for r in ok if r["model"] == model]
+        secs = [r["seconds_per_epoch"] for r in group if r["seconds_per_epoch"] is not None]
+        for task in group[0]["auc"]:
+            values = [r["auc"][task] for r in group if r["auc"].get(task) is not None]
+            rows.append(
+                {
+                    "model": model,
+                    "task": task,
+                    "auc_mean": statistics.mean(values) if values else None,
+                    "auc_std": statistics.stdev(values) if len(values) > 1 else None,
+                    "seeds": sorted(r["seed"] for r in group),
+                    "parameters": group[0]["parameters"],
+                    "seconds_per_epoch": statistics.mean(secs) if secs else None,
+                    "epochs_run": statistics.mean(r["epochs_run"] for r in group),
+                }
+            )
+    return rows
+
+
+def _fmt(mean: float | None, std: float | None) -> str:
+    if mean is None:
+        return "-"
+    return f"{mean:.4f}" if std is None else f"{mean:.4f} ± {std:.4f}"
+
+
+def write_markdown(
+    path: Path,
+    rows: list[dict[str, Any]],
+    runs: list[dict[str, Any]],
+    refused: dict[str, str],
+    args: argparse.Namespace,
+) -> None:
+    from mtlrec.bench.hardware import describe
+
+    tasks = list(dict.fromkeys(r["task"] for r in rows)) or list(TASKS)
+    by_model: dict[str, dict[str, dict[str, Any]]] = {}
+    for r in rows:
+        by_model.setdefault(r["model"], {})[r["task"]] = r
+
+    def mean_auc(model: str) -> float:
+        values = [c["auc_mean"] for c in by_model[model].values() if c["auc_mean"] is not None]
+        return statistics.mean(values) if values else float("-inf")
+
+    seeds = sorted({r["seed"] for r in runs})
+    command = "python benchmarks/zoo/run.py " + shlex.join(sys.argv[1:])
+    lines = [
+        "# Census-Income (KDD): the model zoo",
+        "",
+        f"Command: `{command.strip()}` with `MTLREC_DATA_DIR` set to the shared data folder "
+        f"({date.today().isoformat()}).",
+        f"Hardware: {describe()}; one torch thread per training process, {args.parallel} "
+        "process(es) at a time.",
+        "Setup: the dataset preset (mtlrec/presets/census-income.yaml, model sizes from its "
+        "`models:` block, defaults otherwise), the MMoE paper's split, early stopping on mean "
+        "validation AUC, best epoch restored, test split read once"
+        + (f"; epochs capped at {args.epochs}" if args.epochs else "")
+        + (f"; at most {args.max_rows} rows per split" if args.max_rows else "")
+        + ".",
+        "",
+        "| model | "
+        + " | ".join(f"{t} AUC" for t in tasks)
+        + " | mean AUC | parameters | s/epoch | epochs run |",
+        "|---|" + "---|" * len(tasks) + "---|---|---|---|",
+    ]
+    for model in sorted(by_model, key=mean_auc, reverse=True):
+        cells = by_model[model]
+        first = next(iter(cells.values()))
+        aucs = " | ".join(
+            _fmt(cells[t]["auc_mean"], cells[t]["auc_std"]) if t in cells else "-" for t in tasks
+        )
+        secs = first["seconds_per_epoch"]
+        lines.append(
+            f"| {model} | {aucs} | {mean_auc(model):.4f} | {first['parameters']:,} | "
+            f"{'-' if secs is None else f'{secs:.2f}'} | {first['epochs_run']:.1f} |"
+        )
+    lines += [
+        "",
+        f"AUC: mean ± sample standard deviation over seeds {', '.join(map(str, seeds))} "
+        "(test split). s/epoch: training seconds per epoch, measured with "
+        f"{args.parallel} process(es) sharing the machine; epochs run: mean over seeds, "
+        "early stopping included.",
+    ]
+    if refused:
+        lines += ["", "## Skipped: models that refuse two parallel binary tasks", ""]
+        lines += [f"- `{name}`: {reason}" for name, reason in refused.items()]
+    failed = [r for r in runs if r["status"] != "ok"]
+    if failed:
+        lines += ["", "## Failed runs", ""]
+        lines += [f"- {r['model']} / seed {r['seed']}: {r['status']}" for r in failed]
+    lines += ["", "Per-run numbers: `runs.json`; per-run logs: each run folder's `train.log`.", ""]
+    path.write_text("\n".join(lines))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--models", nargs="+", default=None, help="default: all registered")
+    parser.add_argument("--seeds", nargs="+", type=int, default=[1, 2, 3])
+    parser.add_argument("--epochs", type=int, default=None, help="override train.epochs")
+    parser.add_argument("--max-rows", type=int, default=None, help="cap rows per split (checks)")
+    parser.add_argument("--parallel", type=int, default=1, help="training processes at once")
+    parser.add_argument("--results-dir", type=Path, default=HERE, help="where results go")
+    parser.add_argument("--runs-dir", type=Path, default=None, help="default: RESULTS_DIR/runs")
+    parser.add_argument("--force", action="store_true", help="retrain runs that already exist")
+    args = parser.parse_args()
+    if args.parallel < 1:
+        parser.error("--parallel must be >= 1")
+    shared = REPO.parent / "shared" / "data"
+    if "MTLREC_DATA_DIR" not in os.environ and shared.is_dir():
+        os.environ["MTLREC_DATA_DIR"] = str(shared)  # as the Makefile and the tests do
+
+    requested = args.models or registered_models()
+    models, refused = screen(requested)
+    for name, reason in refused.items():
+        print(f"skipping {name}: {reason}", file=sys.stderr)
+    results_dir = args.results_dir.resolve()
+    runs_dir = (args.runs_dir or results_dir / "runs").resolve()
+    results_dir.mkdir(parents=True, exist_ok=True)
+
+    jobs = [(m, s) for m in models for s in args.seeds]
+    print(f"{len(jobs)} runs, {args.parallel} at a time, into {runs_dir}", file=sys.stderr)
+    started = time.perf_counter()
+    runs: list[dict[str, Any]] = []
+    with ThreadPoolExecutor(max_workers=args.parallel) as pool:
+        futures = {pool.submit(run_one, m, s, args, runs_dir): (m, s) for m, s in jobs}
+        for done, future in enumerate(as_completed(futures), 1):
+            row = future.result()
+            runs.append(row)
+            print(
+                f"[{done}/{len(jobs)} {time.perf_counter() - started:,.0f}s] {json.dumps(row)}",
+                file=sys.stderr,
+                flush=True,
+            )
+            failed = sum(r["status"] != "ok" for r in runs)
+            if failed >= max(2, args.parallel) and failed == len(runs):
+                # The same mistake (data folder, environment) would fail every remaining run.
+                for f in futures:
+                    f.cancel()
+                print("stopping: every run so far failed (see above)", file=sys.stderr)
+                break
+    order = {job: i for i, job in enumerate(jobs)}
+    runs.sort(key=lambda r: order[(r["model"], r["seed"])])
+    rows = aggregate(runs)
+    (results_dir / "results.json").write_text(json.dumps(rows, indent=2) + "\n")
+    (results_dir / "runs.json").write_text(json.dumps(runs, indent=2) + "\n")
+    write_markdown(results_dir / "RESULTS.md", rows, runs, refused, args)
+    print(f"wrote {results_dir / 'results.json'} and {results_dir / 'RESULTS.md'}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()
