@@ -18,6 +18,7 @@ from mtlrec.models.debias import dr_risk, imputation_loss, inverse_propensity, i
 from mtlrec.schema import Schema
 from mtlrec.train.metrics import auc
 from tests.conftest import FUNNEL_SCHEMA, funnel_frame
+from tests.model_properties import assert_own_gradients, assert_partition
 
 torch.set_num_threads(1)
 
@@ -163,16 +164,7 @@ def tables_by_name(funnel_tables, funnel3):
 @pytest.mark.parametrize("name,options,data", CASES)
 def test_shared_and_task_parameters_partition_the_model(name, options, data, tables_by_name):
     enc, _, _ = tables_by_name[data]
-    model = build_model(name, enc.schema, enc.layout(), options)
-    shared = {id(p) for p in model.shared_parameters()}
-    groups = [{id(p) for p in g} for g in model.task_parameters()]
-    assert len(groups) == model.num_tasks
-    everything = {id(p) for p in model.parameters()}
-    assert shared.isdisjoint(set().union(*groups))
-    for a in range(len(groups)):
-        for b in range(a + 1, len(groups)):
-            assert groups[a].isdisjoint(groups[b])
-    assert shared | set().union(*groups) == everything
+    groups = assert_partition(build_model(name, enc.schema, enc.layout(), options))
     assert any(groups), "every model owns at least one task-specific parameter"
 
 
@@ -181,19 +173,8 @@ def test_task_parameters_get_gradient_only_from_their_task(name, options, data, 
     enc, train, _ = tables_by_name[data]
     model = build_model(name, enc.schema, enc.layout(), options)
     batch = train.head(256)
-    out = model(batch)
-    losses = model.task_losses(out, batch)
-    assert out.aux_loss is None  # every term is attributed to a task
-    for t, group in enumerate(model.task_parameters()):
-        if not group:
-            continue
-        own = torch.autograd.grad(losses[t], group, retain_graph=True, allow_unused=True)
-        assert any(g is not None and g.abs().max() > 0 for g in own), (name, t)
-        for s in range(model.num_tasks):
-            if s == t:
-                continue
-            grads = torch.autograd.grad(losses[s], group, retain_graph=True, allow_unused=True)
-            assert all(g is None or g.abs().max() == 0 for g in grads), (name, options, t, s)
+    assert model(batch).aux_loss is None  # every term is attributed to a task
+    assert_own_gradients(model, batch)
 
 
 # --- probability chains -------------------------------------------------------------------------

@@ -14,6 +14,7 @@ from mtlrec.models.sparse_experts import smooth_step
 from mtlrec.schema import Feature, Schema, Task
 from mtlrec.train.metrics import auc
 from tests.conftest import FUNNEL_SCHEMA, funnel_frame
+from tests.model_properties import assert_own_gradients, assert_partition
 
 torch.set_num_threads(1)
 
@@ -82,14 +83,8 @@ def test_every_model_learns_the_planted_funnel_signal(name, funnel_tables):
 @pytest.mark.parametrize(("name", "options"), VARIANTS)
 def test_shared_and_task_parameters_partition_the_model(name, options, small):
     enc, _ = small
-    model = build_model(name, enc.schema, enc.layout(), options)
-    shared = {id(p) for p in model.shared_parameters()}
-    groups = [{id(p) for p in g} for g in model.task_parameters()]
-    everything = {id(p) for p in model.parameters()}
+    groups = assert_partition(build_model(name, enc.schema, enc.layout(), options))
     assert all(groups), "every task owns some parameters"
-    assert shared.isdisjoint(set().union(*groups))
-    assert groups[0].isdisjoint(groups[1])
-    assert shared | set().union(*groups) == everything
 
 
 @pytest.mark.parametrize(("name", "options"), VARIANTS)
@@ -97,16 +92,7 @@ def test_task_parameters_get_gradient_only_from_their_task(name, options, small)
     """A parameter declared task-specific must not receive gradient from another task."""
     enc, table = small
     torch.manual_seed(0)
-    model = build_model(name, enc.schema, enc.layout(), options)
-    batch = table.head(256)
-    out = model(batch)
-    losses = model.task_losses(out, batch)
-    for t, group in enumerate(model.task_parameters()):
-        own = torch.autograd.grad(losses[t], group, retain_graph=True, allow_unused=True)
-        assert any(g is not None and g.abs().max() > 0 for g in own), (name, t)
-        other = losses[1 - t]
-        grads = torch.autograd.grad(other, group, retain_graph=True, allow_unused=True)
-        assert all(g is None or g.abs().max() == 0 for g in grads), (name, t)
+    assert_own_gradients(build_model(name, enc.schema, enc.layout(), options), table.head(256))
 
 
 @pytest.mark.parametrize("name", SOFTMAX_GATES + ["dselect-k"])

@@ -12,6 +12,7 @@ from mtlrec.nn.experts import Experts
 from mtlrec.train.metrics import auc
 from mtlrec.train.trainer import predict
 from tests.conftest import funnel_frame
+from tests.model_properties import assert_own_gradients, assert_partition
 
 ALL = ["single-task", "shared-bottom", "omoe", "mmoe", "cgc", "ple", "esmm", "aitm"]
 CASCADE = {"esmm", "aitm"}
@@ -90,29 +91,14 @@ def test_cascade_models_reject_regression_tasks(name, parallel_schema):
 @pytest.mark.parametrize("name", ALL)
 def test_shared_and_task_parameters_partition_the_model(name, funnel_tables):
     enc, _, _ = funnel_tables
-    model = build_model(name, enc.schema, enc.layout())
-    shared = {id(p) for p in model.shared_parameters()}
-    groups = [{id(p) for p in g} for g in model.task_parameters()]
-    everything = {id(p) for p in model.parameters()}
-    assert shared.isdisjoint(set().union(*groups))
-    assert groups[0].isdisjoint(groups[1])
-    assert shared | set().union(*groups) == everything
+    assert_partition(build_model(name, enc.schema, enc.layout()))
 
 
 @pytest.mark.parametrize("name", ALL)
 def test_task_parameters_get_gradient_only_from_their_task(name, funnel_tables):
     """A parameter declared task-specific must not receive gradient from another task."""
     enc, train, _ = funnel_tables
-    model = build_model(name, enc.schema, enc.layout())
-    batch = train.head(256)
-    out = model(batch)
-    losses = model.task_losses(out, batch)
-    for t, group in enumerate(model.task_parameters()):
-        if not group:
-            continue
-        other = losses[1 - t]
-        grads = torch.autograd.grad(other, group, retain_graph=True, allow_unused=True)
-        assert all(g is None or g.abs().max() == 0 for g in grads), (name, t)
+    assert_own_gradients(build_model(name, enc.schema, enc.layout()), train.head(256))
 
 
 def test_single_task_shares_nothing(funnel_tables):
