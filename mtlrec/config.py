@@ -39,7 +39,7 @@ class TrainConfig:
     monitor: str = "auc"  # "auc" (mean over binary tasks) or "loss"
     seed: int = 2024
     threads: int = 0  # 0: leave torch's default
-    device: str = "cpu"
+    device: str = "cpu"  # "cpu", "cuda", "cuda:1", or "auto" (CUDA when available)
     progress: bool = True
     diagnose: bool = False  # record per-task gradient norms / cosines (diagnostics.json)
     diagnose_every: int = 1  # record every N-th training step when diagnosing
@@ -47,6 +47,20 @@ class TrainConfig:
     stream: bool = False  # stream the training Parquet from disk instead of loading it
     stream_threshold_mb: float = 2048.0  # stream automatically above this training-file size
     shuffle_buffer: int = 65536  # rows held by the streaming reader's shuffle buffer
+
+    def torch_device(self):
+        """The device to train on; an unknown or unavailable one is a ConfigError."""
+        import torch
+
+        name = "cuda" if self.device == "auto" and torch.cuda.is_available() else self.device
+        name = "cpu" if name == "auto" else name
+        try:
+            device = torch.device(name)
+        except RuntimeError as exc:
+            raise ConfigError(f"train.device: {self.device!r} is not a device") from exc
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise ConfigError(f"train.device: {self.device!r} requested but CUDA is not available")
+        return device
 
     def __post_init__(self) -> None:
         if self.monitor not in ("auc", "loss"):
@@ -56,6 +70,7 @@ class TrainConfig:
                 raise ConfigError(f"train.{key} must be >= 1")
         if self.lr <= 0:
             raise ConfigError("train.lr must be > 0")
+        self.torch_device()  # fail early on a bad or unavailable device
         if not 0 < self.lr_decay <= 1:
             raise ConfigError("train.lr_decay must be in (0, 1]")
         if self.optimizer not in ("adam", "sgd"):

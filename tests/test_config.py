@@ -51,3 +51,15 @@ def test_dataset_preset_applies_its_model_block():
     assert resolved["train"]["epochs"] == preset["train"]["epochs"]
     for key, value in preset["models"]["mmoe"]["model"].items():
         assert resolved["model"][key] == value
+
+
+def test_device_is_checked_early():
+    assert str(cfg.TrainConfig(device="cpu").torch_device()) == "cpu"
+    assert cfg.TrainConfig(device="auto").torch_device().type in ("cpu", "cuda")
+    with pytest.raises(ConfigError, match="train.device: 'gpu0'"):
+        cfg.TrainConfig(device="gpu0")
+    import torch
+
+    if not torch.cuda.is_available():
+        with pytest.raises(ConfigError, match="CUDA is not available"):
+            cfg.TrainConfig(device="cuda")

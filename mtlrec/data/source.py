@@ -75,7 +75,7 @@ class InMemorySource:
         from mtlrec.train.distributed import shard_bounds
 
         n = len(self.table)
-        order = torch.randperm(n, generator=generator)
+        order = torch.randperm(n, generator=generator).to(self.table.labels.device)
         for start in range(0, n, batch_size):
             index = order[start : start + batch_size]
             lo, hi = shard_bounds(len(index), self.rank, self.world)

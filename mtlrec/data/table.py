@@ -56,7 +56,11 @@ class TensorTable:
         """Yield batches; with ``shuffle`` the order comes from ``generator`` (repeatable)."""
         if batch_size < 1:
             raise ValueError("batch_size must be >= 1")
-        source = self.take(torch.randperm(len(self), generator=generator)) if shuffle else self
+        if shuffle:  # drawn on the CPU generator, applied where the table lives
+            order = torch.randperm(len(self), generator=generator).to(self.labels.device)
+            source = self.take(order)
+        else:
+            source = self
         n = len(source)
         stop = n - n % batch_size if drop_last else n
         for start in range(0, stop, batch_size):

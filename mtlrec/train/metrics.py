@@ -36,9 +36,9 @@ def task_metrics(
     schema: Schema, labels: torch.Tensor, cond: torch.Tensor, joint: torch.Tensor
 ) -> dict[str, dict[str, float]]:
     """``labels``, ``cond``, ``joint``: [N, T] for one split."""
-    y = labels.double().numpy()
-    c = cond.double().numpy()
-    j = joint.double().numpy()
+    y = labels.detach().cpu().double().numpy()
+    c = cond.detach().cpu().double().numpy()
+    j = joint.detach().cpu().double().numpy()
     upstream = schema.upstream_index()
     out: dict[str, dict[str, float]] = {}
     for t, task in enumerate(schema.tasks):

@@ -117,8 +117,12 @@ def _train_run(
         raise DataError("the train and validation splits need at least one row each")
     load_seconds = time.perf_counter() - started
 
-    model = build_model(model_name, schema, encoder.layout(), model_options)
+    device = tcfg.torch_device()
+    model = build_model(model_name, schema, encoder.layout(), model_options).to(device)
     balancer = build_balancer(balance_name, model, balance_options)
+    valid = valid.to(device)
+    if isinstance(train, TensorTable):
+        train = train.to(device)
     if main:
         encoder.save(out / "encoder.json")
         schema.save(out / "schema.json")
@@ -152,7 +156,9 @@ def _train_run(
     if resume:
         # Rank 0 reads the checkpoint and hands it to every rank (no shared filesystem needed).
         state = dist.broadcast_object(
-            torch.load(ckpt, weights_only=False) if main and ckpt.exists() else None
+            torch.load(ckpt, weights_only=False, map_location=device)
+            if main and ckpt.exists()
+            else None
         )
         if state is not None:
             trainer.load_state(state)
@@ -167,7 +173,7 @@ def _train_run(
             out / "model.pt",
         )
     # The test split is encoded and read exactly once, here, after model selection.
-    test = encoder.transform(test_frame, where=_where(test_frame, "test"))
+    test = encoder.transform(test_frame, where=_where(test_frame, "test")).to(device)
     metrics = {
         "valid": evaluate(model, valid, tcfg.eval_batch_size),
         "test": evaluate(model, test, tcfg.eval_batch_size) if len(test) else {},
@@ -199,7 +205,7 @@ def load_run(run_dir: str | Path) -> tuple[dict[str, Any], Encoder, MTLModel]:
             raise MTLRecError(f"{run}: not a finished run directory ({name} is missing)")
     config = yaml.safe_load((run / "config.yaml").read_text())
     encoder = Encoder.load(run / "encoder.json")
-    saved = torch.load(run / "model.pt", weights_only=False)
+    saved = torch.load(run / "model.pt", weights_only=False, map_location="cpu")
     model = build_model(saved["model"], encoder.schema, encoder.layout(), saved["options"])
     model.load_state_dict(saved["state_dict"])
     model.eval()

@@ -106,6 +106,7 @@ class Trainer:
         monitor: GradientMonitor | None = None,
     ) -> None:
         self.model = model
+        self.device = next(model.parameters()).device
         self.balancer = balancer
         self.config = config
         self.checkpoint_path = checkpoint_path
@@ -183,7 +184,7 @@ class Trainer:
             started = time.perf_counter()
             if self.step_in_epoch == 0:  # a fresh epoch (not one resumed midway)
                 self.epoch_generator_state = self.generator.get_state()
-                self.loss_sum = torch.zeros(len(names))
+                self.loss_sum = torch.zeros(len(names), device=self.device)
             else:  # redraw the interrupted epoch's order, then skip the batches already done
                 self.generator.set_state(self.epoch_generator_state)
             skip = steps = self.step_in_epoch
@@ -192,6 +193,7 @@ class Trainer:
             with progress.task(f"epoch {epoch + 1}/{cfg.epochs}", total) as advance:
                 batches = source.epoch_batches(epoch, cfg.batch_size, self.generator)
                 for batch in itertools.islice(batches, skip, None):
+                    batch = batch.to(self.device)  # streamed batches arrive on the CPU
                     losses, aux_loss = self._losses(batch, source)
                     self._check_finite(losses.detach(), epoch, steps)
                     if self.monitor is not None:  # before the balancer frees the graph
@@ -209,7 +211,7 @@ class Trainer:
                         self._save()
             self.step_in_epoch = 0
             dist.check_replicas(self.params)
-            mean_loss = loss_sum / max(steps, 1)
+            mean_loss = loss_sum.cpu() / max(steps, 1)
             self.scheduler.step()
             seconds = time.perf_counter() - started
             metrics = evaluate(self.model, valid, cfg.eval_batch_size)
