@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed-stamp
 TORCH := torch==2.13.0
 export MTLREC_DATA_DIR ?= $(abspath ../shared/data)
 
-.PHONY: venv demo test lint bench-census bench-balance bench-cascade bench-zoo bench-scale bench-serve clean
+.PHONY: venv demo test lint bench-census bench-balance bench-cascade bench-speed bench-zoo bench-scale bench-serve clean
 
 venv: $(STAMP)
 
@@ -41,6 +41,9 @@ bench-balance: $(STAMP)
 
 bench-cascade: $(STAMP)
 	$(BIN)/python benchmarks/cascade/run.py
+
+bench-speed: $(STAMP)
+	$(BIN)/python benchmarks/speed/run.py --models mmoe,shared-bottom,esmm,ple
 
 bench-zoo: $(STAMP)
 	$(BIN)/python benchmarks/zoo/run.py --parallel 2
