@@ -47,6 +47,12 @@ class TrainConfig:
     stream: bool = False  # stream the training Parquet from disk instead of loading it
     stream_threshold_mb: float = 2048.0  # stream automatically above this training-file size
     shuffle_buffer: int = 65536  # rows held by the streaming reader's shuffle buffer
+    # Meta-training over scenarios (mtlrec.train.meta; a model with a scenario feature: metaheac)
+    meta: bool = False  # episodes of support/query splits per scenario instead of plain steps
+    meta_tasks: int = 5  # scenarios per episode (0: every scenario in the batch)
+    meta_support: float = 0.5  # fraction of a scenario's rows in the episode used as support
+    inner_lr: float = 0.01  # SGD step size of the inner (per-scenario) update
+    inner_steps: int = 1  # inner SGD steps per scenario
 
     def torch_device(self):
         """The device to train on; an unknown or unavailable one is a ConfigError."""
@@ -79,6 +85,14 @@ class TrainConfig:
             raise ConfigError("train.shuffle_buffer must be >= 1")
         if self.stream_threshold_mb < 0:
             raise ConfigError("train.stream_threshold_mb must be >= 0")
+        if not self.inner_lr > 0:
+            raise ConfigError(f"train.inner_lr must be > 0 (got {self.inner_lr})")
+        if self.inner_steps < 1:
+            raise ConfigError("train.inner_steps must be >= 1")
+        if self.meta_tasks < 0:
+            raise ConfigError("train.meta_tasks must be >= 0 (0: every scenario in the batch)")
+        if not 0 < self.meta_support < 1:
+            raise ConfigError(f"train.meta_support must be in (0, 1) (got {self.meta_support})")
 
 
 def default_config() -> dict[str, Any]:

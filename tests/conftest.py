@@ -32,6 +32,22 @@ def data_dir() -> Path:
     return Path(value)
 
 
+def files_dataset(folder: Path, frames: dict[str, pd.DataFrame], schema: dict) -> dict:
+    """Write ``frames`` ({split: frame}) as CSV and ``schema`` as YAML into ``folder``; return
+    the ``dataset`` config section of the ``files`` dataset that reads them."""
+    import yaml
+
+    folder.mkdir(parents=True, exist_ok=True)
+    for split, frame in frames.items():
+        frame.to_csv(folder / f"{split}.csv", index=False)
+    (folder / "schema.yaml").write_text(yaml.safe_dump(schema))
+    return {
+        "name": "files",
+        **{split: str(folder / f"{split}.csv") for split in frames},
+        "schema": str(folder / "schema.yaml"),
+    }
+
+
 def funnel_frame(n: int, seed: int = 0) -> pd.DataFrame:
     """Impressions with a planted signal: click depends on user group and item, purchase (only
     after a click) on price and a tag; ``score`` is a regression target."""
@@ -97,3 +113,12 @@ def parallel_schema() -> Schema:
         features=[Feature("user"), Feature("item"), Feature("price", "numeric")],
         tasks=[Task("click"), Task("score", "regression")],
     )
+
+
+@pytest.fixture(scope="module")
+def small():
+    """(encoder, table) of 600 planted-funnel rows (click -> purchase), for structural checks."""
+    schema = Schema.from_dict(FUNNEL_SCHEMA)
+    frame = funnel_frame(600, seed=3)
+    enc = Encoder(schema).fit(frame)
+    return enc, enc.transform(frame)

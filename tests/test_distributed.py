@@ -26,7 +26,7 @@ from mtlrec.data.source import InMemorySource
 from mtlrec.errors import ConfigError
 from mtlrec.train import distributed as dist
 from mtlrec.train.run import train_run
-from tests.conftest import FUNNEL_SCHEMA, REPO, funnel_frame
+from tests.conftest import FUNNEL_SCHEMA, REPO, files_dataset, funnel_frame
 
 
 def _free_port() -> int:
@@ -36,16 +36,10 @@ def _free_port() -> int:
 
 
 def _config(tmp_path: Path, train_rows: int, balance: str) -> Path:
-    funnel_frame(train_rows, seed=1).to_csv(tmp_path / "train.csv", index=False)
-    funnel_frame(401, seed=2).to_csv(tmp_path / "valid.csv", index=False)
-    funnel_frame(301, seed=3).to_csv(tmp_path / "test.csv", index=False)
-    (tmp_path / "schema.yaml").write_text(yaml.safe_dump(FUNNEL_SCHEMA))
+    frames = {"train": funnel_frame(train_rows, seed=1), "valid": funnel_frame(401, seed=2)}
+    frames["test"] = funnel_frame(301, seed=3)
     config = {
-        "dataset": {
-            "name": "files",
-            **{s: str(tmp_path / f"{s}.csv") for s in ("train", "valid", "test")},
-            "schema": str(tmp_path / "schema.yaml"),
-        },
+        "dataset": files_dataset(tmp_path, frames, FUNNEL_SCHEMA),
         "model": {"name": "mmoe", "embed_dim": 4, "dropout": 0.0, "num_experts": 3},
         "train": {
             "epochs": 2,

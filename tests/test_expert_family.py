@@ -5,16 +5,19 @@ funnel signal, gates in ``extras``, and the shared/task parameter contract of te
 import pytest
 import torch
 
-from mtlrec.balance import build_balancer
 from mtlrec.data.encoder import Encoder
 from mtlrec.errors import ConfigError
-from mtlrec.models import MTLModel, build_model, describe_models
+from mtlrec.models import build_model, describe_models
 from mtlrec.models.prototype import PrototypeBank
 from mtlrec.models.sparse_experts import smooth_step
 from mtlrec.schema import Feature, Schema, Task
-from mtlrec.train.metrics import auc
 from tests.conftest import FUNNEL_SCHEMA, funnel_frame
-from tests.model_properties import assert_own_gradients, assert_partition
+from tests.model_properties import (
+    assert_learns_funnel_signal,
+    assert_own_gradients,
+    assert_partition,
+)
+from tests.model_properties import train_steps as _train
 
 torch.set_num_threads(1)
 
@@ -33,33 +36,6 @@ VARIANTS = [(m, {}) for m in NEW] + [
 ]
 
 
-def _train(model: MTLModel, table, steps: int, lr: float = 0.01) -> list[float]:
-    torch.manual_seed(0)
-    bal = build_balancer("ew", model)
-    opt = torch.optim.Adam(model.parameters(), lr=lr)
-    gen = torch.Generator().manual_seed(0)
-    history: list[float] = []
-    while len(history) < steps:
-        for batch in table.batches(256, shuffle=True, generator=gen):
-            out = model(batch)
-            opt.zero_grad()
-            total = bal.backward(model.task_losses(out, batch), out.aux_loss)
-            opt.step()
-            history.append(float(total))
-            if len(history) == steps:
-                break
-    return history
-
-
-@pytest.fixture(scope="module")
-def small():
-    """(encoder, table) of 600 planted-funnel rows, for the structural checks."""
-    schema = Schema.from_dict(FUNNEL_SCHEMA)
-    frame = funnel_frame(600, seed=3)
-    enc = Encoder(schema).fit(frame)
-    return enc, enc.transform(frame)
-
-
 def test_registry_has_the_new_models():
     assert set(NEW) <= set(describe_models())
 
@@ -69,15 +45,7 @@ def test_every_model_learns_the_planted_funnel_signal(name, funnel_tables):
     enc, train, valid = funnel_tables
     torch.manual_seed(0)
     model = build_model(name, enc.schema, enc.layout(), {"embed_dim": 8})
-    history = _train(model, train, steps=120)
-    assert sum(history[-10:]) < sum(history[:10])
-    model.eval()
-    with torch.no_grad():
-        cond, _ = model.predict(model(valid))
-    labels = valid.labels
-    clicked = labels[:, 0] == 1
-    assert auc(labels[:, 0].numpy(), cond[:, 0].numpy()) > 0.75
-    assert auc(labels[clicked, 1].numpy(), cond[clicked, 1].numpy()) > 0.75
+    assert_learns_funnel_signal(model, train, valid)
 
 
 @pytest.mark.parametrize(("name", "options"), VARIANTS)

@@ -4,7 +4,6 @@ import json
 
 import pytest
 import torch
-import yaml
 
 import mtlrec.train.trainer as trainer_mod
 from mtlrec import config as cfg
@@ -14,7 +13,7 @@ from mtlrec.data.encoder import Encoder
 from mtlrec.models import build_model
 from mtlrec.train.run import train_run
 from mtlrec.train.trainer import Trainer, TrainingDiverged
-from tests.conftest import FUNNEL_SCHEMA, funnel_frame
+from tests.conftest import FUNNEL_SCHEMA, files_dataset, funnel_frame
 
 
 def _trainer(funnel_tables, **train):
@@ -60,15 +59,9 @@ def test_nan_loss_stops_with_the_task_name(funnel_tables, monkeypatch):
 
 @pytest.fixture
 def files_config(tmp_path):
-    funnel_frame(1200, seed=1).to_csv(tmp_path / "train.csv", index=False)
-    funnel_frame(400, seed=2).to_csv(tmp_path / "valid.csv", index=False)
-    funnel_frame(400, seed=3).to_csv(tmp_path / "test.csv", index=False)
-    (tmp_path / "schema.yaml").write_text(yaml.safe_dump(FUNNEL_SCHEMA))
-    dataset = {
-        "name": "files",
-        **{s: str(tmp_path / f"{s}.csv") for s in ("train", "valid", "test")},
-        "schema": str(tmp_path / "schema.yaml"),
-    }
+    frames = {"train": funnel_frame(1200, seed=1), "valid": funnel_frame(400, seed=2)}
+    frames["test"] = funnel_frame(400, seed=3)
+    dataset = files_dataset(tmp_path, frames, FUNNEL_SCHEMA)
     return lambda **train: cfg.resolve(
         {
             "dataset": dataset,

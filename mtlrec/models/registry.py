@@ -49,6 +49,7 @@ def _load_all() -> None:
     # Importing the modules runs their @register decorators.
     from mtlrec.models import (  # noqa: F401
         cascade,
+        cross_distill,
         debias,
         distill,
         embedding_experts,
@@ -59,6 +60,7 @@ def _load_all() -> None:
         hierarchy_experts,
         independent,
         kernel_experts,
+        meta_experts,
         prototype,
         soft,
         sparse,

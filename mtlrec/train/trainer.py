@@ -31,6 +31,7 @@ from mtlrec.errors import ConfigError, MTLRecError
 from mtlrec.models.base import MTLModel
 from mtlrec.train import distributed as dist
 from mtlrec.train.checkpoint import save_torch
+from mtlrec.train.meta import MetaLoop
 from mtlrec.train.metrics import monitor_value, task_metrics
 
 if TYPE_CHECKING:
@@ -153,6 +154,8 @@ class Trainer:
         self.epoch_generator_state: torch.Tensor | None = None
         self.step_in_epoch = 0
         self.loss_sum: torch.Tensor | None = None
+        # train.meta: per-step losses come from meta-training episodes (mtlrec.train.meta).
+        self.meta = MetaLoop(model, config) if config.meta else None
 
     # --- checkpoints -----------------------------------------------------------------------------
     def state(self) -> dict[str, Any]:
@@ -208,7 +211,10 @@ class Trainer:
                 batches = source.epoch_batches(epoch, cfg.batch_size, self.generator)
                 for batch in itertools.islice(batches, skip, None):
                     batch = batch.to(self.device)  # streamed batches arrive on the CPU
-                    losses, aux_loss = self._losses(batch, source)
+                    if self.meta is None:
+                        losses, aux_loss = self._losses(batch, source)
+                    else:  # one episode: inner steps per scenario, query losses at theta'
+                        losses, aux_loss = self.meta.losses(batch, epoch, steps)
                     self._check_finite(losses.detach(), epoch, steps)
                     if self.monitor is not None:  # before the balancer frees the graph
                         self.monitor.on_step(self.model, losses)
