@@ -44,6 +44,7 @@ bench-cascade: $(STAMP)
 
 bench-speed: $(STAMP)
 	$(BIN)/python benchmarks/speed/run.py --models mmoe,shared-bottom,esmm,ple
+	$(BIN)/python benchmarks/speed/quality.py
 
 bench-zoo: $(STAMP)
 	$(BIN)/python benchmarks/zoo/run.py --parallel 2
