@@ -503,11 +503,15 @@ def main(argv=None) -> int:
     ap.add_argument("--no-deepctr", action="store_true", help="skip DeepCTR-Torch")
     ap.add_argument("--results-dir", default=str(HERE))
     ap.add_argument("--timeout", type=float, default=3600, help="seconds per measurement")
+    ap.add_argument("--render", action="store_true", help="re-render RESULTS.md from saved JSON")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
 
     if args.worker:
         print("RESULT " + json.dumps(worker(json.loads(args.worker))), flush=True)
+        return 0
+    if args.render:
+        render_saved(Path(args.results_dir))
         return 0
 
     ensure_peers()
@@ -601,12 +605,112 @@ def main(argv=None) -> int:
         "batch_infer": INFER_BATCH,
         "command": " ".join(["python", "benchmarks/speed/run.py", *(argv or sys.argv[1:])]),
     }
-    (out / "results.json").write_text(
-        json.dumps({"meta": meta, "rows": rows, "details": details}, indent=2) + "\n"
+    write_results(out, meta, rows, details)
+    return 0
+
+
+def write_results(out: Path, meta: dict, rows: list[dict], details: list[dict]) -> None:
+    """results.json: the issue's list of rows; details.json: hardware, command, parameter
+    counts and every single run; RESULTS.md rendered from both."""
+    (out / "results.json").write_text(json.dumps(rows, indent=2) + "\n")
+    (out / "details.json").write_text(
+        json.dumps({"meta": meta, "details": details}, indent=2) + "\n"
     )
     (out / "RESULTS.md").write_text(render_md(meta, rows, details))
-    print(f"wrote {out / 'results.json'} and {out / 'RESULTS.md'}")
-    return 0
+    print(f"wrote {out / 'results.json'}, {out / 'details.json'} and {out / 'RESULTS.md'}")
+
+
+def render_saved(out: Path) -> None:
+    """Re-render RESULTS.md from results.json + details.json (no measurement)."""
+    rows = json.loads((out / "results.json").read_text())
+    saved = json.loads((out / "details.json").read_text())
+    (out / "RESULTS.md").write_text(render_md(saved["meta"], rows, saved["details"]))
+
+
+BARS = {  # issue 3, training throughput
+    ("mmoe", "large", "rechub"): 2.5,
+    ("mmoe", "large", "deepctr"): 1.8,
+    ("mmoe", "census", "rechub"): 5.0,
+}
+CEILING_BAR = 0.75
+
+
+def bar_lines(rows: list[dict]) -> list[str]:
+    """One line per bar of issue 3: the measured figure and whether it is met."""
+
+    def verdict(ok: bool) -> str:
+        return "met" if ok else "**not met**"
+
+    lines = []
+    by_key = {(r["model"], r["config"]): r for r in rows}
+    for (model, config, peer), bar in BARS.items():
+        r = by_key.get((model, config))
+        if r is None or r["mtlrec_train_sps"] is None:
+            continue
+        other = r["rechub_train_sps"] if peer == "rechub" else r["deepctr_train_sps"]
+        if not other:
+            continue
+        ratio = r["mtlrec_train_sps"] / other
+        needed = bar * other / r["ceiling_sps"]
+        lines.append(
+            f"- {model}/{config}: mtlrec / {peer} = {ratio:.2f}x (bar {bar}x, which needs "
+            f"{needed:.0%} of the compute ceiling): {verdict(ratio >= bar)}"
+        )
+    large = by_key.get(("mmoe", "large"))
+    if large and large["ceiling_fraction"] is not None:
+        fraction = large["ceiling_fraction"]
+        lines.append(
+            f"- mmoe/large: {fraction:.1%} of the compute ceiling (bar {CEILING_BAR:.0%}): "
+            f"{verdict(fraction >= CEILING_BAR)}"
+        )
+    slow = [f"{r['model']}/{r['config']}" for r in rows if (r["train_ratio"] or 0) < 1]
+    lines.append(
+        "- no model slower than torch-rechub: "
+        + (verdict(True) if not slow else f"{verdict(False)} ({', '.join(slow)})")
+    )
+    return lines
+
+
+PROFILE_NOTES = [
+    "Why the large-MMoE ratios do not reach the bars here: on this CPU torch-rechub already "
+    "runs at about 40 % of the compute ceiling (the issue's machine: about 30 %), so 2.5x "
+    "torch-rechub or 1.8x DeepCTR-Torch would need close to 100 % of it (figures above). The "
+    "mtlrec step is matmul-bound (profile below), and GEMMs of these shapes run below the "
+    "2048x2048 rate that defines the ceiling. The one-epoch AUC columns differ for the Census-sized models because "
+    "torch-rechub's BatchNorm reaches its plateau in fewer steps; at equal epochs on "
+    "Census-Income the two agree within 0.0004 (QUALITY.md, `benchmarks/speed/quality.py`).",
+    "",
+    "## Profile (torch.profiler, `python benchmarks/speed/profile_step.py`)",
+    "",
+    "One warm epoch of 60,000 (Census-sized) or 20,000 (large) rows, 1 thread, "
+    "operators by self CPU time, and samples per CPU-second (process time, comparable on a "
+    "busy machine). Before = commit 2b4e3b0, after = the current code.",
+    "",
+    "| MMoE | before: top operators | after: top operators | samples / CPU-s before → after |",
+    "|---|---|---|---|",
+    "| Census-sized | bmm 39 % (expert layer over the expanded input and the B tiny gate-mix "
+    "products), embedding_dense_backward 15-22 %, Adam step 8 % (13 % with its child ops) "
+    "| mm 31 %, addmm 18 %, scatter_add 5 %, index_select 5 %, softmax 5 %, fused Adam 2 % "
+    "| 105-114k → 181k |",
+    "| large | bmm 55 %, baddbmm 22 %, embedding_dense_backward 4 % | mm 53 %, addmm 26 %, "
+    "mul (gate mix) 8 % | 18.8k → 20.1k |",
+    "",
+    "What changed, each measured alone first (`benchmarks/speed/profile_step.py` and "
+    "micro-benchmarks of the forward + backward of one layer):",
+    "",
+    "- embedding lookup by `index_select` (backward = one `index_add_`) instead of "
+    "`nn.Embedding` (sort-based `embedding_dense_backward`): 4x less time for 40 fields x 1024 "
+    "rows at dimension 4, 2x at 16;",
+    "- the experts' first layer as one [B, in] x [in, E*width] GEMM when every expert reads the "
+    "same input, instead of `baddbmm` over the input expanded E times: 1.6x for Census-sized "
+    "experts, a few percent for large ones;",
+    "- the gate mix as a broadcast multiply and sum instead of B tiny `bmm`s: 2.5x on that op;",
+    "- Adam with `fused=True` (one kernel over all parameters): about 8 % of the Census-sized "
+    "step;",
+    "- already in place before: one fused embedding table, batches as tensor slices of "
+    "preallocated columns, no `.item()` in the step (one `isfinite` check), evaluation under "
+    "`no_grad`. `torch.compile` has not been tried yet.",
+]
 
 
 def render_md(meta: dict, rows: list[dict], details: list[dict]) -> str:
@@ -659,6 +763,8 @@ def render_md(meta: dict, rows: list[dict], details: list[dict]) -> str:
             f"torch-rechub {d['rechub_params']:,} (incl. {d['rechub_batchnorm_params']:,} "
             f"BatchNorm){dc}; dense FLOPs/sample (fwd+bwd) {d['flops_per_sample']:,}"
         )
+    lines += ["", "## Bars (issue 3)", "", *bar_lines(rows), ""]
+    lines += PROFILE_NOTES
     lines += [
         "",
         "## Method",
