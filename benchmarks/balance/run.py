@@ -33,13 +33,12 @@ import shutil
 import statistics
 import subprocess
 import sys
-import time
-from concurrent.futures import ThreadPoolExecutor, as_completed
 from datetime import date
 from pathlib import Path
 from typing import Any
 
 from mtlrec.bench.hardware import cpu_name
+from mtlrec.bench.runs import run_all, train_or_reuse
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]
@@ -88,38 +87,8 @@ def run_one(
     """Train (or reuse) one run; return its per-run row (``status`` says whether it worked)."""
     out = runs_dir / f"{model}-{balancer}-seed{seed}"
     row: dict[str, Any] = {"model": model, "balancer": balancer, "seed": seed, "run": str(out)}
-    if args.force and out.exists():
-        shutil.rmtree(out)
-    wall = None
-    if not (out / "metrics.json").exists():
-        out.mkdir(parents=True, exist_ok=True)
-        env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
-        started = time.perf_counter()
-        with (out / "train.log").open("w") as log:
-            proc = subprocess.run(
-                train_command(model, balancer, seed, out, args.epochs, args.max_rows),
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                env=env,
-            )
-        wall = time.perf_counter() - started
-        if proc.returncode != 0:
-            tail = (out / "train.log").read_text().strip().splitlines()[-1:] or ["(no output)"]
-            return {**row, "status": f"failed (exit {proc.returncode}): {tail[0]}"}
-    metrics = json.loads((out / "metrics.json").read_text())
-    history = json.loads((out / "history.json").read_text())
-    epochs = history.get("epochs") or []
-    split = "test" if metrics.get("test") else "valid"
-    return {
-        **row,
-        "status": "ok",
-        "split": split,
-        "auc": {t: m.get("auc") for t, m in metrics[split].items()},
-        "epochs_run": len(epochs),
-        "best_epoch": history.get("best_epoch"),
-        "seconds_per_epoch": statistics.mean(e["seconds"] for e in epochs) if epochs else None,
-        "wall_seconds": wall,
-    }
+    command = train_command(model, balancer, seed, out, args.epochs, args.max_rows)
+    return train_or_reuse(out, command, row, force=args.force)
 
 
 def aggregate(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -309,29 +278,10 @@ def main() -> None:
     shared = REPO.parent / "shared" / "data"
     if "MTLREC_DATA_DIR" not in os.environ and shared.is_dir():
         os.environ["MTLREC_DATA_DIR"] = str(shared)  # as the Makefile and the tests do
-    jobs = [(m, b, s) for m in args.models for b in balancers for s in args.seeds]
+    # Seed-major: a stopped benchmark leaves whole seeds done, reported with --seeds.
+    jobs = [(m, b, s) for s in args.seeds for m in args.models for b in balancers]
     print(f"{len(jobs)} runs, {args.parallel} at a time, into {runs_dir}", file=sys.stderr)
-    started = time.perf_counter()
-    runs: list[dict[str, Any]] = []
-    with ThreadPoolExecutor(max_workers=args.parallel) as pool:
-        futures = {pool.submit(run_one, m, b, s, args, runs_dir): (m, b, s) for m, b, s in jobs}
-        for done, future in enumerate(as_completed(futures), 1):
-            row = future.result()
-            runs.append(row)
-            print(
-                f"[{done}/{len(jobs)} {time.perf_counter() - started:,.0f}s] {json.dumps(row)}",
-                file=sys.stderr,
-                flush=True,
-            )
-            failed = sum(r["status"] != "ok" for r in runs)
-            if failed >= max(2, args.parallel) and failed == len(runs):
-                # The same mistake (data folder, option) would fail every remaining run.
-                for f in futures:
-                    f.cancel()
-                print("stopping: every run so far failed (see above)", file=sys.stderr)
-                break
-    order = {job: i for i, job in enumerate(jobs)}
-    runs.sort(key=lambda r: order[(r["model"], r["balancer"], r["seed"])])
+    runs = run_all([(m, b, s, args, runs_dir) for m, b, s in jobs], run_one, args.parallel)
     rows = aggregate(runs)
     (results_dir / "results.json").write_text(json.dumps(rows, indent=2) + "\n")
     (results_dir / "runs.json").write_text(json.dumps(runs, indent=2) + "\n")

@@ -31,15 +31,13 @@ import argparse
 import json
 import os
 import shlex
-import shutil
 import statistics
-import subprocess
 import sys
-import time
-from concurrent.futures import ThreadPoolExecutor, as_completed
 from datetime import date
 from pathlib import Path
 from typing import Any
+
+from mtlrec.bench.runs import run_all, train_or_reuse
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]
@@ -127,36 +125,7 @@ def run_one(model: str, seed: int, args: argparse.Namespace, runs_dir: Path) -> 
     """Train (or reuse) one run; return its row (``status`` says whether it worked)."""
     out = runs_dir / f"{model}-seed{seed}"
     row: dict[str, Any] = {"model": model, "seed": seed, "run": str(out)}
-    if args.force and out.exists():
-        shutil.rmtree(out)
-    wall = None
-    if not (out / "metrics.json").exists():
-        out.mkdir(parents=True, exist_ok=True)
-        env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
-        started = time.perf_counter()
-        with (out / "train.log").open("w") as log:
-            proc = subprocess.run(
-                train_command(model, seed, out, args), stdout=log, stderr=subprocess.STDOUT, env=env
-            )
-        wall = time.perf_counter() - started
-        if proc.returncode != 0:
-            tail = (out / "train.log").read_text().strip().splitlines()[-1:] or ["(no output)"]
-            return {**row, "status": f"failed (exit {proc.returncode}): {tail[0]}"}
-    metrics = json.loads((out / "metrics.json").read_text())
-    history = json.loads((out / "history.json").read_text())
-    epochs = history.get("epochs") or []
-    split = "test" if metrics.get("test") else "valid"
-    return {
-        **row,
-        "status": "ok",
-        "split": split,
-        "auc": {t: m.get("auc") for t, m in metrics[split].items()},
-        "parameters": history.get("parameters"),
-        "epochs_run": len(epochs),
-        "best_epoch": history.get("best_epoch"),
-        "seconds_per_epoch": statistics.mean(e["seconds"] for e in epochs) if epochs else None,
-        "wall_seconds": wall,
-    }
+    return train_or_reuse(out, train_command(model, seed, out, args), row, force=args.force)
 
 
 def aggregate(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -208,7 +177,9 @@ def write_markdown(
         return statistics.mean(values) if values else float("-inf")
 
     seeds = sorted({r["seed"] for r in runs})
-    command = "python benchmarks/zoo/run.py " + shlex.join(sys.argv[1:])
+    argv = sys.argv[1:]
+    shown = [a for i, a in enumerate(argv) if a != "--note" and (i == 0 or argv[i - 1] != "--note")]
+    command = "python benchmarks/zoo/run.py " + shlex.join(shown)
     lines = [
         "# Census-Income (KDD): the model zoo",
         "",
@@ -262,6 +233,8 @@ def write_markdown(
     if failed:
         lines += ["", "## Failed runs", ""]
         lines += [f"- {r['model']} / seed {r['seed']}: {r['status']}" for r in failed]
+    if args.note:
+        lines += ["", "## Notes", "", *(f"- {note}" for note in args.note)]
     lines += ["", "Per-run numbers: `runs.json`; per-run logs: each run folder's `train.log`.", ""]
     path.write_text("\n".join(lines))
 
@@ -278,6 +251,7 @@ def main() -> None:
     parser.add_argument("--results-dir", type=Path, default=HERE, help="where results go")
     parser.add_argument("--runs-dir", type=Path, default=None, help="default: RESULTS_DIR/runs")
     parser.add_argument("--force", action="store_true", help="retrain runs that already exist")
+    parser.add_argument("--note", action="append", default=[], help="a line for RESULTS.md")
     args = parser.parse_args()
     if args.parallel < 1:
         parser.error("--parallel must be >= 1")
@@ -286,8 +260,10 @@ def main() -> None:
         os.environ["MTLREC_DATA_DIR"] = str(shared)  # as the Makefile and the tests do
 
     requested = args.models or registered_models() + list(VARIANTS)
-    plain, refused = screen([m for m in requested if m not in VARIANTS])
-    models = plain + [m for m in requested if m in VARIANTS and VARIANTS[m][0] in plain]
+    bases = {VARIANTS[m][0] for m in requested if m in VARIANTS}
+    plain = [m for m in requested if m not in VARIANTS]
+    eligible, refused = screen(list(dict.fromkeys([*plain, *sorted(bases)])))
+    models = [m for m in requested if (VARIANTS[m][0] if m in VARIANTS else m) in eligible]
     for name, reason in refused.items():
         print(f"skipping {name}: {reason}", file=sys.stderr)
     results_dir = args.results_dir.resolve()
@@ -296,27 +272,7 @@ def main() -> None:
 
     jobs = [(m, s) for m in models for s in args.seeds]
     print(f"{len(jobs)} runs, {args.parallel} at a time, into {runs_dir}", file=sys.stderr)
-    started = time.perf_counter()
-    runs: list[dict[str, Any]] = []
-    with ThreadPoolExecutor(max_workers=args.parallel) as pool:
-        futures = {pool.submit(run_one, m, s, args, runs_dir): (m, s) for m, s in jobs}
-        for done, future in enumerate(as_completed(futures), 1):
-            row = future.result()
-            runs.append(row)
-            print(
-                f"[{done}/{len(jobs)} {time.perf_counter() - started:,.0f}s] {json.dumps(row)}",
-                file=sys.stderr,
-                flush=True,
-            )
-            failed = sum(r["status"] != "ok" for r in runs)
-            if failed >= max(2, args.parallel) and failed == len(runs):
-                # The same mistake (data folder, environment) would fail every remaining run.
-                for f in futures:
-                    f.cancel()
-                print("stopping: every run so far failed (see above)", file=sys.stderr)
-                break
-    order = {job: i for i, job in enumerate(jobs)}
-    runs.sort(key=lambda r: order[(r["model"], r["seed"])])
+    runs = run_all([(m, s, args, runs_dir) for m, s in jobs], run_one, args.parallel)
     rows = aggregate(runs)
     (results_dir / "results.json").write_text(json.dumps(rows, indent=2) + "\n")
     (results_dir / "runs.json").write_text(json.dumps(runs, indent=2) + "\n")

@@ -1,0 +1,83 @@
+"""Training runs for the benchmark scripts: train-or-reuse one run, run many in parallel.
+
+Why: the zoo and balancer benchmarks both launch hundreds of ``mtlrec train`` processes, reuse
+finished ones, resume interrupted ones and stop early when every run fails the same way; one
+implementation keeps their behaviour identical.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor, as_completed
+from pathlib import Path
+from typing import Any
+
+
+def train_or_reuse(
+    out: Path, command: Sequence[str], row: dict[str, Any], force: bool = False
+) -> dict[str, Any]:
+    """Run ``command`` (an ``mtlrec train ... --out OUT --resume``) unless ``OUT/metrics.json``
+    exists; return ``row`` extended with status, split, per-task AUC, parameters, epochs and
+    seconds per epoch. One intra-op thread per process, so ``--parallel K`` uses K cores."""
+    if force and out.exists():
+        shutil.rmtree(out)
+    wall = None
+    if not (out / "metrics.json").exists():
+        out.mkdir(parents=True, exist_ok=True)
+        env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+        started = time.perf_counter()
+        with (out / "train.log").open("w") as log:
+            proc = subprocess.run(list(command), stdout=log, stderr=subprocess.STDOUT, env=env)
+        wall = time.perf_counter() - started
+        if proc.returncode != 0:
+            tail = (out / "train.log").read_text().strip().splitlines()[-1:] or ["(no output)"]
+            return {**row, "status": f"failed (exit {proc.returncode}): {tail[0]}"}
+    metrics = json.loads((out / "metrics.json").read_text())
+    history = json.loads((out / "history.json").read_text())
+    epochs = history.get("epochs") or []
+    split = "test" if metrics.get("test") else "valid"
+    return {
+        **row,
+        "status": "ok",
+        "split": split,
+        "auc": {t: m.get("auc") for t, m in metrics[split].items()},
+        "parameters": history.get("parameters"),
+        "epochs_run": len(epochs),
+        "best_epoch": history.get("best_epoch"),
+        "seconds_per_epoch": statistics.mean(e["seconds"] for e in epochs) if epochs else None,
+        "wall_seconds": wall,
+    }
+
+
+def run_all(
+    jobs: Sequence[tuple], run: Callable[..., dict[str, Any]], parallel: int
+) -> list[dict[str, Any]]:
+    """``run(*job)`` for every job, ``parallel`` at a time, one progress line per finished run on
+    stderr; stops early when the first runs all fail (the same mistake would fail the rest).
+    Returns the rows in job order."""
+    started = time.perf_counter()
+    rows: dict[int, dict[str, Any]] = {}
+    with ThreadPoolExecutor(max_workers=parallel) as pool:
+        futures = {pool.submit(run, *job): i for i, job in enumerate(jobs)}
+        for done, future in enumerate(as_completed(futures), 1):
+            row = future.result()
+            rows[futures[future]] = row
+            print(
+                f"[{done}/{len(jobs)} {time.perf_counter() - started:,.0f}s] {json.dumps(row)}",
+                file=sys.stderr,
+                flush=True,
+            )
+            failed = sum(r["status"] != "ok" for r in rows.values())
+            if failed >= max(2, parallel) and failed == len(rows):
+                for f in futures:
+                    f.cancel()
+                print("stopping: every run so far failed (see above)", file=sys.stderr)
+                break
+    return [rows[i] for i in sorted(rows)]
