@@ -54,3 +54,10 @@ def test_run_all_keeps_job_order_and_stops_when_everything_fails():
     rows = run_all([(i,) for i in range(20)], failing, parallel=1)
     assert len(rows) == 2 and len(calls) < 20
     assert json.dumps(rows)  # rows stay JSON-serialisable for runs.json
+
+
+def test_report_only_reads_finished_runs_and_trains_nothing(tmp_path):
+    marker = tmp_path / "ran"
+    command = [sys.executable, "-c", f"open(r'{marker}', 'w')"]
+    row = train_or_reuse(tmp_path / "run", command, {"model": "m"}, train=False)
+    assert row["status"] == "not run" and not marker.exists()

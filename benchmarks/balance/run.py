@@ -88,7 +88,7 @@ def run_one(
     out = runs_dir / f"{model}-{balancer}-seed{seed}"
     row: dict[str, Any] = {"model": model, "balancer": balancer, "seed": seed, "run": str(out)}
     command = train_command(model, balancer, seed, out, args.epochs, args.max_rows)
-    return train_or_reuse(out, command, row, force=args.force)
+    return train_or_reuse(out, command, row, force=args.force, train=not args.report_only)
 
 
 def aggregate(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -241,7 +241,15 @@ def write_markdown(
             + "".join(f"; {k}: {', '.join(v)}" for k, v in other.items())
             + "."
         )
-    failed = [r for r in runs if r["status"] != "ok"]
+    missing = [r for r in runs if r["status"] == "not run"]
+    if missing:
+        lines += [
+            "",
+            f"**Partial**: {len(runs) - len(missing)} of {len(runs)} runs finished when this was "
+            "written (`--report-only`); `make bench-balance` resumes the rest (finished runs are "
+            "reused).",
+        ]
+    failed = [r for r in runs if r["status"] not in ("ok", "not run")]
     if failed:
         lines += ["", "## Failed runs", ""]
         lines += [
@@ -264,6 +272,11 @@ def main() -> None:
     parser.add_argument("--results-dir", type=Path, default=HERE, help="where results go")
     parser.add_argument("--runs-dir", type=Path, default=None, help="default: RESULTS_DIR/runs")
     parser.add_argument("--force", action="store_true", help="retrain runs that already exist")
+    parser.add_argument(
+        "--report-only",
+        action="store_true",
+        help="train nothing: report the finished runs (the rest are listed as not run)",
+    )
     args = parser.parse_args()
     if args.parallel < 1:
         parser.error("--parallel must be >= 1")

@@ -21,14 +21,22 @@ from typing import Any
 
 
 def train_or_reuse(
-    out: Path, command: Sequence[str], row: dict[str, Any], force: bool = False
+    out: Path,
+    command: Sequence[str],
+    row: dict[str, Any],
+    force: bool = False,
+    train: bool = True,
 ) -> dict[str, Any]:
     """Run ``command`` (an ``mtlrec train ... --out OUT --resume``) unless ``OUT/metrics.json``
     exists; return ``row`` extended with status, split, per-task AUC, parameters, epochs and
-    seconds per epoch. One intra-op thread per process, so ``--parallel K`` uses K cores."""
+    seconds per epoch. One intra-op thread per process, so ``--parallel K`` uses K cores.
+    ``train=False`` only reads finished runs (status "not run" for the others), to report a
+    benchmark that was stopped part-way."""
     if force and out.exists():
         shutil.rmtree(out)
     wall = None
+    if not (out / "metrics.json").exists() and not train:
+        return {**row, "status": "not run"}
     if not (out / "metrics.json").exists():
         out.mkdir(parents=True, exist_ok=True)
         env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
@@ -74,7 +82,7 @@ def run_all(
                 file=sys.stderr,
                 flush=True,
             )
-            failed = sum(r["status"] != "ok" for r in rows.values())
+            failed = sum(r["status"].startswith("failed") for r in rows.values())
             if failed >= max(2, parallel) and failed == len(rows):
                 for f in futures:
                     f.cancel()
