@@ -104,6 +104,11 @@ class MTLModel(nn.Module):
         mse = (out.logits - labels).pow(2)
         return torch.where(self.is_binary, bce, mse).mean(0)
 
+    def chain_losses(self, out: ModelOutput, batch: TensorTable) -> torch.Tensor:
+        """[T] entire-space losses of the chain-rule joint probabilities (ESMM's pCTCVR =
+        pCTR x pCVR, generalised to any chain)."""
+        return self.entire_space_losses(self.chain_joint(torch.sigmoid(out.logits)), out, batch)
+
     # --- predictions -----------------------------------------------------------------------------
     def predict(self, out: ModelOutput) -> tuple[torch.Tensor, torch.Tensor]:
         """(conditional, joint) predictions [B, T]: probabilities for binary tasks, values for
@@ -128,6 +133,16 @@ class MTLModel(nn.Module):
         if len(self.task_modules) != self.num_tasks:
             return [[] for _ in range(self.num_tasks)]
         return [list(m.parameters()) for m in self.task_modules]
+
+    def leaf_task_parameters(self) -> list[list[nn.Parameter]]:
+        """Per-task ownership for entire-space chains: a task's module is its own unless another
+        task depends on it, since then it also feeds that task's joint-probability loss and is
+        shared."""
+        upstream_of_someone = set(self.upstream.tolist())
+        return [
+            [] if t in upstream_of_someone else list(m.parameters())
+            for t, m in enumerate(self.task_modules)
+        ]
 
     def shared_parameters(self) -> list[nn.Parameter]:
         own = {id(p) for group in self.task_parameters() for p in group}

@@ -51,16 +51,11 @@ class ESMM(MTLModel):
         return ModelOutput(logits=torch.cat([tower(x) for tower in self.task_modules], 1))
 
     def task_losses(self, out: ModelOutput, batch: TensorTable) -> torch.Tensor:
-        joint = self.chain_joint(torch.sigmoid(out.logits))
-        return self.entire_space_losses(joint, out, batch)
+        return self.chain_losses(out, batch)
 
     def task_parameters(self) -> list[list[nn.Parameter]]:
         """An upstream task's tower also feeds its downstream task's loss, so it is shared."""
-        upstream_of_someone = set(self.upstream.tolist())
-        return [
-            [] if t in upstream_of_someone else list(m.parameters())
-            for t, m in enumerate(self.task_modules)
-        ]
+        return self.leaf_task_parameters()
 
 
 @dataclass

@@ -172,11 +172,7 @@ class _CausalCVR(MTLModel):
         loss reaches the upstream towers too, and those are shared."""
         if self.config.detach_propensity:
             return [list(m.parameters()) for m in self.task_modules]
-        upstream_of_someone = set(self.upstream.tolist())
-        return [
-            [] if t in upstream_of_someone else list(m.parameters())
-            for t, m in enumerate(self.task_modules)
-        ]
+        return self.leaf_task_parameters()
 
 
 @register("multi-ipw")
@@ -277,8 +273,4 @@ class ESCM2(_CausalCVR):
 
     def task_parameters(self) -> list[list[nn.Parameter]]:
         """The CTCVR loss reaches every upstream tower (as in ESMM), so those are shared."""
-        upstream_of_someone = set(self.upstream.tolist())
-        return [
-            [] if t in upstream_of_someone else list(m.parameters())
-            for t, m in enumerate(self.task_modules)
-        ]
+        return self.leaf_task_parameters()

@@ -252,16 +252,11 @@ class APEM(MTLModel):
         )
 
     def task_losses(self, out: ModelOutput, batch: TensorTable) -> torch.Tensor:
-        joint = self.chain_joint(torch.sigmoid(out.logits))
-        return self.entire_space_losses(joint, out, batch)
+        return self.chain_losses(out, batch)
 
     def task_parameters(self) -> list[list[nn.Parameter]]:
         """As in ESMM: an upstream step's parameters also reach its downstream task's loss."""
-        upstream_of_someone = set(self.upstream.tolist())
-        return [
-            [] if t in upstream_of_someone else list(m.parameters())
-            for t, m in enumerate(self.task_modules)
-        ]
+        return self.leaf_task_parameters()
 
 
 # --- DBMTL --------------------------------------------------------------------------------------
