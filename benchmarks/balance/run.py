@@ -38,7 +38,7 @@ from pathlib import Path
 from typing import Any
 
 from mtlrec.bench.hardware import cpu_name
-from mtlrec.bench.runs import run_all, train_or_reuse
+from mtlrec.bench.runs import census_setup, run_all, train_or_reuse
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]
@@ -178,11 +178,7 @@ def write_markdown(
         f"Hardware: {cpu_name()}; `nproc` = {nproc()}; one torch thread per training process, "
         f"{args.parallel} process(es) at a time; Python {platform.python_version()}, "
         f"torch {torch.__version__}.",
-        "Setup: the dataset preset (mtlrec/presets/census-income.yaml), the MMoE paper's split, "
-        "early stopping on mean validation AUC, best epoch restored, test split read once"
-        + (f"; epochs capped at {args.epochs}" if args.epochs else "")
-        + (f"; at most {args.max_rows} rows per split" if args.max_rows else "")
-        + ".",
+        census_setup(False, args.epochs, args.max_rows),
         "",
         "| model | balancer | "
         + " | ".join(f"{t} AUC" for t in tasks)

@@ -37,7 +37,7 @@ from datetime import date
 from pathlib import Path
 from typing import Any
 
-from mtlrec.bench.runs import run_all, train_or_reuse
+from mtlrec.bench.runs import census_setup, run_all, train_or_reuse
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]
@@ -187,12 +187,7 @@ def write_markdown(
         f"({date.today().isoformat()}).",
         f"Hardware: {describe()}; one torch thread per training process, {args.parallel} "
         "process(es) at a time.",
-        "Setup: the dataset preset (mtlrec/presets/census-income.yaml, model sizes from its "
-        "`models:` block, defaults otherwise), the MMoE paper's split, early stopping on mean "
-        "validation AUC, best epoch restored, test split read once"
-        + (f"; epochs capped at {args.epochs}" if args.epochs else "")
-        + (f"; at most {args.max_rows} rows per split" if args.max_rows else "")
-        + ".",
+        census_setup(True, args.epochs, args.max_rows),
         "",
         "| model | "
         + " | ".join(f"{t} AUC" for t in tasks)

@@ -89,3 +89,15 @@ def run_all(
                 print("stopping: every run so far failed (see above)", file=sys.stderr)
                 break
     return [rows[i] for i in sorted(rows)]
+
+
+def census_setup(models_block: bool, epochs: int | None, max_rows: int | None) -> str:
+    """The "Setup:" sentence of a Census-Income benchmark's RESULTS.md."""
+    sizes = ", model sizes from its `models:` block, defaults otherwise" if models_block else ""
+    return (
+        f"Setup: the dataset preset (mtlrec/presets/census-income.yaml{sizes}), the MMoE paper's "
+        "split, early stopping on mean validation AUC, best epoch restored, test split read once"
+        + (f"; epochs capped at {epochs}" if epochs else "")
+        + (f"; at most {max_rows} rows per split" if max_rows else "")
+        + "."
+    )
