@@ -237,6 +237,13 @@ def write_markdown(
             + "".join(f"; {k}: {', '.join(v)}" for k, v in other.items())
             + "."
         )
+    if len(seeds) < 3:
+        lines += [
+            "",
+            f"**Partial**: {len(seeds)} of the 3 seeds this benchmark is specified for; with one "
+            "seed there is no noise estimate, so no balancer is called helpful or harmful. "
+            "`make bench-balance` adds the other seeds (finished runs are reused).",
+        ]
     missing = [r for r in runs if r["status"] == "not run"]
     if missing:
         lines += [
