@@ -37,7 +37,7 @@ from datetime import date
 from pathlib import Path
 from typing import Any
 
-from mtlrec.bench.runs import census_setup, run_all, train_or_reuse
+from mtlrec.bench.runs import add_run_options, census_setup, run_all, train_or_reuse
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]
@@ -239,13 +239,7 @@ def main() -> None:
         description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--models", nargs="+", default=None, help="default: all registered")
-    parser.add_argument("--seeds", nargs="+", type=int, default=[1, 2, 3])
-    parser.add_argument("--epochs", type=int, default=None, help="override train.epochs")
-    parser.add_argument("--max-rows", type=int, default=None, help="cap rows per split (checks)")
-    parser.add_argument("--parallel", type=int, default=1, help="training processes at once")
-    parser.add_argument("--results-dir", type=Path, default=HERE, help="where results go")
-    parser.add_argument("--runs-dir", type=Path, default=None, help="default: RESULTS_DIR/runs")
-    parser.add_argument("--force", action="store_true", help="retrain runs that already exist")
+    add_run_options(parser, HERE)
     parser.add_argument("--note", action="append", default=[], help="a line for RESULTS.md")
     args = parser.parse_args()
     if args.parallel < 1:

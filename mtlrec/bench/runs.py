@@ -7,6 +7,7 @@ implementation keeps their behaviour identical.
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import shutil
@@ -101,3 +102,14 @@ def census_setup(models_block: bool, epochs: int | None, max_rows: int | None) -
         + (f"; at most {max_rows} rows per split" if max_rows else "")
         + "."
     )
+
+
+def add_run_options(parser: argparse.ArgumentParser, results_dir: Path) -> None:
+    """The options every Census-Income run benchmark takes (seeds, caps, parallelism, folders)."""
+    parser.add_argument("--seeds", nargs="+", type=int, default=[1, 2, 3])
+    parser.add_argument("--epochs", type=int, default=None, help="override train.epochs")
+    parser.add_argument("--max-rows", type=int, default=None, help="cap rows per split (checks)")
+    parser.add_argument("--parallel", type=int, default=1, help="training processes at once")
+    parser.add_argument("--results-dir", type=Path, default=results_dir, help="where results go")
+    parser.add_argument("--runs-dir", type=Path, default=None, help="default: RESULTS_DIR/runs")
+    parser.add_argument("--force", action="store_true", help="retrain runs that already exist")
