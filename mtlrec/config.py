@@ -44,6 +44,7 @@ class TrainConfig:
     diagnose: bool = False  # record per-task gradient norms / cosines (diagnostics.json)
     diagnose_every: int = 1  # record every N-th training step when diagnosing
     optimizer: str = "adam"  # "adam" or "sgd" (plain SGD: exact comparisons, ablations)
+    compile: bool = False  # torch.compile the training forward (pays a compile warm-up once)
     stream: bool = False  # stream the training Parquet from disk instead of loading it
     stream_threshold_mb: float = 2048.0  # stream automatically above this training-file size
     shuffle_buffer: int = 65536  # rows held by the streaming reader's shuffle buffer

@@ -32,6 +32,9 @@ class Balancer:
 
     Config: ClassVar[type[BalancerConfig]] = BalancerConfig
     name: ClassVar[str] = "base"
+    # True when backward() differentiates each task's loss separately through the model's graph
+    # (retain_graph); torch.compile's backward does not support that (see train.compile).
+    per_task_backward: ClassVar[bool] = False
 
     def __init__(self, model: MTLModel, config: BalancerConfig) -> None:
         self.model = model

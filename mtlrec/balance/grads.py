@@ -180,6 +180,8 @@ class GradientBalancer(Balancer):
     gradient.
     """
 
+    per_task_backward = True
+
     def transform(self, losses: torch.Tensor) -> torch.Tensor:
         """The losses whose gradients are combined (DB-MTL takes their logarithm)."""
         return losses

@@ -184,6 +184,8 @@ class AdaTask(Balancer):
     parameters, like the weight decay term.
     """
 
+    per_task_backward = True
+
     Config = AdaTaskConfig
 
     def __init__(self, model, config: AdaTaskConfig) -> None:
