@@ -32,6 +32,8 @@ lint: $(STAMP)
 
 bench-census: $(STAMP)
 	$(BIN)/python benchmarks/census/run.py
+	$(BIN)/python benchmarks/census/peers.py
+	$(BIN)/python benchmarks/census/run.py --report-only
 
 clean:
 	rm -rf runs .pytest_cache

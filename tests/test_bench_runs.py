@@ -61,3 +61,22 @@ def test_report_only_reads_finished_runs_and_trains_nothing(tmp_path):
     command = [sys.executable, "-c", f"open(r'{marker}', 'w')"]
     row = train_or_reuse(tmp_path / "run", command, {"model": "m"}, train=False)
     assert row["status"] == "not run" and not marker.exists()
+
+
+def test_rechub_columns_are_each_fields_own_index_and_the_same_numerics(small):
+    """torch-rechub must see the very values mtlrec trains on: field-local categorical indices
+    (global index minus the field's offset, inside the field's size) and identical numerics."""
+    import numpy as np
+
+    from mtlrec.bench.rechub import rechub_columns
+
+    encoder, table = small
+    layout = encoder.layout()
+    columns = rechub_columns(layout, table)
+    assert len(columns) == layout.num_categorical + layout.num_numeric
+    for i in range(layout.num_categorical):
+        local = columns[f"c{i}"]
+        assert local.min() >= 0 and local.max() < layout.field_sizes[i]
+        np.testing.assert_array_equal(local + layout.field_offsets[i], table.cat.numpy()[:, i])
+    for i in range(layout.num_numeric):
+        np.testing.assert_array_equal(columns[f"n{i}"], table.num.numpy()[:, i])

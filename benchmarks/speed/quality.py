@@ -29,8 +29,6 @@ import time
 from datetime import date
 from pathlib import Path
 
-import numpy as np
-
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
@@ -81,28 +79,15 @@ def train_mtlrec(schema, layout, train, valid, epochs: int, seed: int) -> list[l
 def train_rechub(schema, layout, train, valid, epochs: int, seed: int) -> list[list[float]]:
     """Per-epoch validation AUCs of torch-rechub's MMOE on the same encoded arrays."""
     import torch
-    from torch_rechub.basic.features import DenseFeature, SparseFeature
     from torch_rechub.models.multi_task import MMOE
     from torch_rechub.trainers import MTLTrainer
     from torch_rechub.utils.data import DataGenerator
 
+    from mtlrec.bench.rechub import rechub_columns, rechub_features
+
     torch.manual_seed(seed)
     cfg = CONFIGS["mmoe"]["census"]
-    offsets = np.asarray(layout.field_offsets)
-    cat_names = [f"c{i}" for i in range(layout.num_categorical)]
-    num_names = [f"n{i}" for i in range(layout.num_numeric)]
-
-    def as_dict(table):
-        local = table.cat.numpy() - offsets  # each field's own 0..size-1 (0: out of vocabulary)
-        x = {n: local[:, i] for i, n in enumerate(cat_names)}
-        x.update({n: table.num.numpy()[:, i] for i, n in enumerate(num_names)})
-        return x
-
-    features = [
-        SparseFeature(n, vocab_size=size, embed_dim=cfg["embed_dim"])
-        for n, size in zip(cat_names, layout.field_sizes, strict=True)
-    ]
-    features += [DenseFeature(n) for n in num_names]
+    features = rechub_features(layout, cfg["embed_dim"])
     model = MMOE(
         features,
         ["classification", "classification"],
@@ -110,7 +95,7 @@ def train_rechub(schema, layout, train, valid, epochs: int, seed: int) -> list[l
         expert_params={"dims": list(cfg["expert_hidden"]), "dropout": 0.0},
         tower_params_list=[{"dims": list(cfg["tower_hidden"]), "dropout": 0.0}] * 2,
     )
-    xt, xv = as_dict(train), as_dict(valid)
+    xt, xv = rechub_columns(layout, train), rechub_columns(layout, valid)
     yt, yv = train.labels.numpy(), valid.labels.numpy()
     train_dl, valid_dl, _ = DataGenerator(xt, yt).generate_dataloader(
         x_val=xv, y_val=yv, x_test=xv, y_test=yv, batch_size=BATCH
