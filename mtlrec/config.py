@@ -45,6 +45,7 @@ class TrainConfig:
     diagnose_every: int = 1  # record every N-th training step when diagnosing
     optimizer: str = "adam"  # "adam" or "sgd" (plain SGD: exact comparisons, ablations)
     compile: bool = False  # torch.compile the training forward (pays a compile warm-up once)
+    precision: str = "fp32"  # "bf16": forward under bfloat16 autocast (weights stay fp32)
     stream: bool = False  # stream the training Parquet from disk instead of loading it
     stream_threshold_mb: float = 2048.0  # stream automatically above this training-file size
     shuffle_buffer: int = 65536  # rows held by the streaming reader's shuffle buffer
@@ -82,6 +83,8 @@ class TrainConfig:
             raise ConfigError("train.lr_decay must be in (0, 1]")
         if self.optimizer not in ("adam", "sgd"):
             raise ConfigError(f"train.optimizer: {self.optimizer!r} is not 'adam' or 'sgd'")
+        if self.precision not in ("fp32", "bf16"):
+            raise ConfigError(f"train.precision: {self.precision!r} is not 'fp32' or 'bf16'")
         if self.shuffle_buffer < 1:
             raise ConfigError("train.shuffle_buffer must be >= 1")
         if self.stream_threshold_mb < 0:

@@ -127,3 +127,31 @@ def test_compile_refuses_per_task_gradient_balancers(funnel_tables, balancer):
     conf = TrainConfig(progress=False, compile=True)
     with pytest.raises(cfg.ConfigError, match=rf"train.compile: balancer '{balancer}'"):
         Trainer(model, build_balancer(balancer, model), conf)
+
+
+def test_bf16_precision_runs_the_forward_in_bfloat16_and_learns_like_fp32(funnel_tables):
+    """train.precision=bf16 must really change the forward's dtype (a hook sees bfloat16 layer
+    outputs) while the weights stay fp32 and the model learns the planted signal as well."""
+    enc, train, valid = funnel_tables
+    aucs, seen = {}, {}
+    for precision in ("fp32", "bf16"):
+        torch.manual_seed(0)
+        model = build_model("mmoe", enc.schema, enc.layout(), {"embed_dim": 4})
+        dtypes = set()
+        first_linear = next(m for m in model.modules() if isinstance(m, torch.nn.Linear))
+        first_linear.register_forward_hook(  # training steps only: evaluation stays fp32
+            lambda m, i, o, d=dtypes: d.add(o.dtype) if m.training else None
+        )
+        conf = TrainConfig(progress=False, batch_size=256, epochs=4, lr=0.01, precision=precision)
+        fit = Trainer(model, build_balancer("ew", model), conf).fit(train, valid)
+        aucs[precision] = fit.history[-1].valid["click"]["auc"]
+        seen[precision] = dtypes
+        assert all(p.dtype == torch.float32 for p in model.parameters())
+    assert seen == {"fp32": {torch.float32}, "bf16": {torch.bfloat16}}
+    assert aucs["fp32"] > 0.7, aucs
+    assert abs(aucs["bf16"] - aucs["fp32"]) < 0.02, aucs
+
+
+def test_unknown_precision_is_a_config_error():
+    with pytest.raises(cfg.ConfigError, match="train.precision: 'fp16'"):
+        TrainConfig(precision="fp16")

@@ -225,7 +225,8 @@ class Trainer:
                 for batch in itertools.islice(batches, skip, None):
                     batch = batch.to(self.device)  # streamed batches arrive on the CPU
                     if self.meta is None:
-                        losses, aux_loss = self._losses(batch, source)
+                        with self.autocast():
+                            losses, aux_loss = self._losses(batch, source)
                     else:  # one episode: inner steps per scenario, query losses at theta'
                         losses, aux_loss = self.meta.losses(batch, epoch, steps)
                     self._check_finite(losses.detach(), epoch, steps)
@@ -280,6 +281,14 @@ class Trainer:
         if self.best_state is not None:
             self.model.load_state_dict(self.best_state)
         return self.result
+
+    def autocast(self) -> torch.autocast:
+        """train.precision "bf16": the forward's matrix products run in bfloat16 (parameters,
+        optimizer state and the backward's accumulation stay fp32; autocast keeps losses and
+        softmax in fp32). On CPUs with AVX512-BF16 the large MMoE trains 2.5x faster per core
+        (benchmarks/speed); overhead-bound small models gain nothing."""
+        dtype = torch.bfloat16 if self.config.precision == "bf16" else None
+        return torch.autocast(self.device.type, dtype=dtype, enabled=dtype is not None)
 
     def _losses(
         self, batch: TensorTable, source: BatchSource
