@@ -80,3 +80,13 @@ def test_rechub_columns_are_each_fields_own_index_and_the_same_numerics(small):
         np.testing.assert_array_equal(local + layout.field_offsets[i], table.cat.numpy()[:, i])
     for i in range(layout.num_numeric):
         np.testing.assert_array_equal(columns[f"n{i}"], table.num.numpy()[:, i])
+
+
+def test_the_printed_command_keeps_result_options_and_drops_paths_and_notes():
+    from mtlrec.bench.runs import shown_arguments
+
+    argv = [
+        "--parallel", "2", "--results-dir", "/tmp/x", "--note", "a b", "--seeds", "1", "2",
+        "--runs-dir=/tmp/r", "--report-only", "--note=c", "--epochs", "3",
+    ]  # fmt: skip
+    assert shown_arguments(argv) == ["--parallel", "2", "--seeds", "1", "2", "--epochs", "3"]

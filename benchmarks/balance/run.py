@@ -38,7 +38,13 @@ from pathlib import Path
 from typing import Any
 
 from mtlrec.bench.hardware import cpu_name
-from mtlrec.bench.runs import add_run_options, census_setup, run_all, train_or_reuse
+from mtlrec.bench.runs import (
+    add_run_options,
+    census_setup,
+    run_all,
+    shown_arguments,
+    train_or_reuse,
+)
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]
@@ -162,6 +168,27 @@ def _fmt(mean: float | None, std: float | None) -> str:
     return f"{mean:.4f}" if std is None else f"{mean:.4f} ± {std:.4f}"
 
 
+def effect_sizes(runs: list[dict[str, Any]]) -> list[str]:
+    """One sentence on how large the differences are, so that a consistent but tiny Δ is not
+    read as a gain: the largest |Δ| and the range of all the others."""
+    deltas = []
+    for model, balancer in dict.fromkeys((r["model"], r["balancer"]) for r in runs):
+        if balancer != REFERENCE:
+            c = compare_to_reference(runs, model, balancer)
+            if c["delta"] is not None:
+                deltas.append((abs(c["delta"]), c["delta"], f"{model}/{balancer}"))
+    if len(deltas) < 2:
+        return []
+    deltas.sort(reverse=True)
+    (_, top, name), rest = deltas[0], deltas[1:]
+    return [
+        "",
+        f"Size: the largest Δ is {top:+.4f} ({name}); every other Δ lies within "
+        f"±{rest[0][0]:.4f}. 'helps'/'hurts' says a difference is consistent across the paired "
+        "seeds, not that it is large.",
+    ]
+
+
 def write_markdown(
     path: Path, rows: list[dict[str, Any]], runs: list[dict[str, Any]], args: argparse.Namespace
 ) -> None:
@@ -169,7 +196,7 @@ def write_markdown(
 
     tasks = list(dict.fromkeys(r["task"] for r in rows))
     seeds = sorted({r["seed"] for r in runs})
-    command = "python benchmarks/balance/run.py " + shlex.join(sys.argv[1:])
+    command = "python benchmarks/balance/run.py " + shlex.join(shown_arguments(sys.argv[1:]))
     lines = [
         "# Census-Income (KDD): gradient balancers vs equal weights (`ew`)",
         "",
@@ -237,6 +264,9 @@ def write_markdown(
             + "".join(f"; {k}: {', '.join(v)}" for k, v in other.items())
             + "."
         )
+    lines += effect_sizes(runs)
+    if args.note:
+        lines += ["", "## Notes", "", *(f"- {note}" for note in args.note)]
     if len(seeds) < 3:
         lines += [
             "",

@@ -37,7 +37,13 @@ from datetime import date
 from pathlib import Path
 from typing import Any
 
-from mtlrec.bench.runs import add_run_options, census_setup, run_all, train_or_reuse
+from mtlrec.bench.runs import (
+    add_run_options,
+    census_setup,
+    run_all,
+    shown_arguments,
+    train_or_reuse,
+)
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]
@@ -177,9 +183,7 @@ def write_markdown(
         return statistics.mean(values) if values else float("-inf")
 
     seeds = sorted({r["seed"] for r in runs})
-    argv = sys.argv[1:]
-    shown = [a for i, a in enumerate(argv) if a != "--note" and (i == 0 or argv[i - 1] != "--note")]
-    command = "python benchmarks/zoo/run.py " + shlex.join(shown)
+    command = "python benchmarks/zoo/run.py " + shlex.join(shown_arguments(sys.argv[1:]))
     lines = [
         "# Census-Income (KDD): the model zoo",
         "",
@@ -240,7 +244,6 @@ def main() -> None:
     )
     parser.add_argument("--models", nargs="+", default=None, help="default: all registered")
     add_run_options(parser, HERE)
-    parser.add_argument("--note", action="append", default=[], help="a line for RESULTS.md")
     args = parser.parse_args()
     if args.parallel < 1:
         parser.error("--parallel must be >= 1")

@@ -104,6 +104,23 @@ def census_setup(models_block: bool, epochs: int | None, max_rows: int | None) -
     )
 
 
+def shown_arguments(argv: list[str]) -> list[str]:
+    """The command-line arguments that change results, for the command printed in RESULTS.md:
+    folder options (machine-specific paths), ``--note`` lines and ``--report-only`` (which only
+    re-renders) are left out."""
+    shown, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg in ("--results-dir", "--runs-dir", "--note"):
+            skip = True
+        elif arg != "--report-only" and not arg.startswith(
+            ("--results-dir=", "--runs-dir=", "--note=")
+        ):
+            shown.append(arg)
+    return shown
+
+
 def add_run_options(parser: argparse.ArgumentParser, results_dir: Path) -> None:
     """The options every Census-Income run benchmark takes (seeds, caps, parallelism, folders)."""
     parser.add_argument("--seeds", nargs="+", type=int, default=[1, 2, 3])
@@ -113,3 +130,4 @@ def add_run_options(parser: argparse.ArgumentParser, results_dir: Path) -> None:
     parser.add_argument("--results-dir", type=Path, default=results_dir, help="where results go")
     parser.add_argument("--runs-dir", type=Path, default=None, help="default: RESULTS_DIR/runs")
     parser.add_argument("--force", action="store_true", help="retrain runs that already exist")
+    parser.add_argument("--note", action="append", default=[], help="a line for RESULTS.md")
