@@ -717,7 +717,7 @@ def bar_lines(rows: list[dict]) -> list[str]:
 
 PROFILE_NOTES = [
     "Why the large-MMoE ratios do not reach the bars here: on this CPU torch-rechub already "
-    "runs at about 40 % of the compute ceiling (the issue's machine: about 30 %), so 2.5x "
+    "runs at 36-40 % of the compute ceiling (the issue's machine: about 30 %), so 2.5x "
     "torch-rechub or 1.8x DeepCTR-Torch would need close to 100 % of it (figures above). The "
     "mtlrec step is matmul-bound (profile below), and GEMMs of these shapes run below the "
     "2048x2048 rate that defines the ceiling. The one-epoch AUC columns differ for the Census-sized models because "
@@ -757,7 +757,8 @@ PROFILE_NOTES = [
     "- `train.compile: true` (torch.compile of the training forward; inductor fuses the "
     "bias, ReLU, softmax and gate-mix work around the GEMMs). Measured alone with "
     "`profile_step.py`-style alternation (1 thread, samples per CPU-second): large MMoE "
-    "18.9k → 21.0k (+11 %), Census-sized 226k → 275k (+22 %). It is opt-in: compiling costs "
+    "18.9k → 21.0k (+11 %), Census-sized 226k → 275k (+22 %); with the benchmark's 2 threads the "
+    "gain shrinks (table above: medians +0.3 % large, +11 % Census-sized). It is opt-in: compiling costs "
     "25-45 s once per run, and per-task-gradient balancers cannot use it (a second backward "
     "through a compiled graph returned wrong gradients in torch 2.13, so the trainer refuses "
     "the combination with a ConfigError). The column 'mtlrec compiled sps' is compiled outside "
@@ -765,8 +766,9 @@ PROFILE_NOTES = [
     "- `train.precision: bf16` (the forward under bfloat16 autocast; weights, Adam state and "
     "gradient accumulation stay fp32). This CPU has AVX512-BF16: a 1024x2048x1024 bf16 GEMM "
     "ran 4.4x faster than fp32 on one thread (458 vs 105 GFLOP/s), and the large MMoE step "
-    "2.5x faster (18.6k → 46k samples per CPU-second); the Census-sized one, bound by overhead, "
-    "not at all. Reported as extra columns: the bars compare fp32 with fp32.",
+    "2.5x faster (18.6k → 46k samples per CPU-second; with 2 threads, table above: 2.0x); "
+    "small models bound by per-op overhead gain nothing or lose (autocast adds casts: PLE "
+    "Census-sized 220k → 141k). Reported as extra columns: the bars compare fp32 with fp32.",
 ]
 
 
