@@ -149,21 +149,12 @@ def gbdt_reference() -> dict[str, Any]:
 
 
 def census_arrays() -> tuple:
-    """(layout, task names, train, valid, test) of Census-Income through mtlrec's encoder,
-    fitted on the training split, without numeric buckets (torch-rechub has no such input)."""
-    from mtlrec.data.datasets import load_dataset
-    from mtlrec.data.encoder import Encoder
+    """(layout, task names, train, valid, test) of the encoded Census-Income split."""
+    from mtlrec.bench.rechub import encoded_census
 
-    splits = load_dataset("census-income")
-    encoder = Encoder(splits.schema).fit(splits.train)
+    encoder, tables = encoded_census(("train", "valid", "test"))
     tasks = [t.name for t in encoder.schema.tasks]
-    return (
-        encoder.layout(),
-        tasks,
-        encoder.transform(splits.train),
-        encoder.transform(splits.valid),
-        encoder.transform(splits.test),
-    )
+    return encoder.layout(), tasks, tables["train"], tables["valid"], tables["test"]
 
 
 def summarise(runs: list[dict]) -> list[dict]:

@@ -39,21 +39,6 @@ BATCH = 1024
 LR = 1e-3
 
 
-def encoded_census(seed: int):
-    """(schema, layout, train table, valid table) of Census-Income through mtlrec's encoder."""
-    from mtlrec.data.datasets import load_dataset
-    from mtlrec.data.encoder import Encoder
-
-    splits = load_dataset("census-income", seed=seed)
-    encoder = Encoder(splits.schema).fit(splits.train)
-    return (
-        encoder.schema,
-        encoder.layout(),
-        encoder.transform(splits.train),
-        encoder.transform(splits.valid),
-    )
-
-
 def train_mtlrec(schema, layout, train, valid, epochs: int, seed: int) -> list[list[float]]:
     """Per-epoch [income AUC, marital AUC] on the validation split, mtlrec's own trainer."""
     import torch
@@ -184,12 +169,19 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from mtlrec.bench.hardware import cpu_name
+    from mtlrec.bench.rechub import encoded_census
 
     ensure_peers()
     torch.set_num_threads(args.threads)
+    encoder, tables = encoded_census(("train", "valid"))  # the test split is not read
+    schema, layout, train, valid = (
+        encoder.schema,
+        encoder.layout(),
+        tables["train"],
+        tables["valid"],
+    )
     runs = []
     for seed in args.seeds:
-        schema, layout, train, valid = encoded_census(seed)
         run = {"seed": seed}
         for lib, fn in (("mtlrec", train_mtlrec), ("rechub", train_rechub)):
             start = time.perf_counter()

@@ -36,3 +36,15 @@ def rechub_columns(layout: Any, table: Any) -> dict[str, np.ndarray]:
     numeric = table.num.numpy()
     columns.update({f"n{i}": numeric[:, i] for i in range(layout.num_numeric)})
     return columns
+
+
+def encoded_census(splits: tuple[str, ...] = ("train", "valid")) -> tuple[Any, dict[str, Any]]:
+    """(encoder, {split: encoded table}) of Census-Income, the encoder fitted on the training
+    split without numeric buckets (torch-rechub has no such input). Only the named splits are
+    encoded, so a check that must not read the test split never does."""
+    from mtlrec.data.datasets import load_dataset
+    from mtlrec.data.encoder import Encoder
+
+    data = load_dataset("census-income")
+    encoder = Encoder(data.schema).fit(data.train)
+    return encoder, {name: encoder.transform(getattr(data, name)) for name in splits}
