@@ -168,19 +168,13 @@ def _fmt(mean: float | None, std: float | None) -> str:
     return f"{mean:.4f}" if std is None else f"{mean:.4f} ± {std:.4f}"
 
 
-def effect_sizes(runs: list[dict[str, Any]]) -> list[str]:
+def effect_sizes(deltas: list[tuple[float, float, str]]) -> list[str]:
     """One sentence on how large the differences are, so that a consistent but tiny Δ is not
-    read as a gain: the largest |Δ| and the range of all the others."""
-    deltas = []
-    for model, balancer in dict.fromkeys((r["model"], r["balancer"]) for r in runs):
-        if balancer != REFERENCE:
-            c = compare_to_reference(runs, model, balancer)
-            if c["delta"] is not None:
-                deltas.append((abs(c["delta"]), c["delta"], f"{model}/{balancer}"))
+    read as a gain: the largest |Δ| and the range of all the others. ``deltas``: (|Δ|, Δ,
+    "model/balancer") per compared balancer."""
     if len(deltas) < 2:
         return []
-    deltas.sort(reverse=True)
-    (_, top, name), rest = deltas[0], deltas[1:]
+    (_, top, name), *rest = sorted(deltas, reverse=True)
     return [
         "",
         f"Size: the largest Δ is {top:+.4f} ({name}); every other Δ lies within "
@@ -213,6 +207,7 @@ def write_markdown(
         "|---|---|" + "---|" * len(tasks) + "---|---|---|",
     ]
     verdicts: dict[str, dict[str, list[str]]] = {}
+    deltas: list[tuple[float, float, str]] = []
     for model in dict.fromkeys(r["model"] for r in rows):
         for balancer in dict.fromkeys(r["balancer"] for r in rows if r["model"] == model):
             cells = {
@@ -228,6 +223,8 @@ def write_markdown(
                 delta, verdict = "—", "reference"
             else:
                 c = compare_to_reference(runs, model, balancer)
+                if c["delta"] is not None:
+                    deltas.append((abs(c["delta"]), c["delta"], f"{model}/{balancer}"))
                 delta = "-" if c["delta"] is None else f"{c['delta']:+.4f}"
                 if c["se"] is not None:
                     delta += f" (SE {c['se']:.4f})"
@@ -264,7 +261,7 @@ def write_markdown(
             + "".join(f"; {k}: {', '.join(v)}" for k, v in other.items())
             + "."
         )
-    lines += effect_sizes(runs)
+    lines += effect_sizes(deltas)
     if args.note:
         lines += ["", "## Notes", "", *(f"- {note}" for note in args.note)]
     if len(seeds) < 3:
