@@ -776,6 +776,11 @@ def render_md(meta: dict, rows: list[dict], details: list[dict]) -> str:
     def fmt(v):
         return "—" if v is None else (f"{v:,.0f}" if isinstance(v, float) and v >= 100 else str(v))
 
+    def table(columns: list[tuple[str, str]]) -> list[str]:
+        """A Markdown table of ``rows``: one (key, header) per column."""
+        lines = ["| " + " | ".join(h for _, h in columns) + " |", "|" + "---|" * len(columns)]
+        return lines + ["| " + " | ".join(fmt(r.get(k)) for k, _ in columns) + " |" for r in rows]
+
     cols = [
         ("model", "model"),
         ("config", "config"),
@@ -808,11 +813,8 @@ def render_md(meta: dict, rows: list[dict], details: list[dict]) -> str:
         f"{meta['batch_infer']}, no grad. Median of {meta['repeats']} runs per library, "
         "run alternately (A B A B), each in a fresh process.",
         "",
-        "| " + " | ".join(h for _, h in cols) + " |",
-        "|" + "---|" * len(cols),
+        *table(cols),
     ]
-    for r in rows:
-        lines.append("| " + " | ".join(fmt(r.get(k)) for k, _ in cols) + " |")
     extra = [
         ("model", "model"),
         ("config", "config"),
@@ -829,11 +831,8 @@ def render_md(meta: dict, rows: list[dict], details: list[dict]) -> str:
             "",
             "Opt-in speed-ups, same run (see the notes below the bars; '—': not run):",
             "",
-            "| " + " | ".join(h for _, h in extra) + " |",
-            "|" + "---|" * len(extra),
+            *table(extra),
         ]
-        for r in rows:
-            lines.append("| " + " | ".join(fmt(r.get(k)) for k, _ in extra) + " |")
     lines += ["", "Parameter counts (asserted equal after the documented differences):", ""]
     for d in details:
         dc = f", DeepCTR {d['deepctr_params']:,}" if "deepctr_params" in d else ""
