@@ -10,6 +10,7 @@ import pandas as pd
 import pytest
 
 from mtlrec.data.encoder import Encoder
+from mtlrec.data.table import TensorTable
 from mtlrec.schema import Feature, Schema, Task
 
 REPO = Path(__file__).resolve().parents[1]
@@ -30,6 +31,27 @@ def data_dir() -> Path:
     if not value or not Path(value).is_dir():
         pytest.skip("MTLREC_DATA_DIR is not set to the shared datasets folder")
     return Path(value)
+
+
+def resume_matches_straight_run(configure, tmp_path: Path, epochs: int, stop_after: int) -> dict:
+    """Train ``epochs`` epochs in one go, and ``stop_after`` epochs then ``--resume`` to
+    ``epochs`` in another folder; assert both end with the same metrics and return them.
+    ``configure(epochs=, patience=)`` gives the resolved config (patience high enough that early
+    stopping never cuts the run short)."""
+    import json
+
+    from mtlrec.train.run import train_run
+
+    def echo(*_):
+        return None
+
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    train_run(configure(epochs=epochs, patience=10), straight, echo=echo)
+    train_run(configure(epochs=stop_after, patience=10), resumed, echo=echo)
+    train_run(configure(epochs=epochs, patience=10), resumed, resume=True, echo=echo)
+    a = json.loads((straight / "metrics.json").read_text())
+    assert a == json.loads((resumed / "metrics.json").read_text())
+    return a
 
 
 def files_dataset(folder: Path, frames: dict[str, pd.DataFrame], schema: dict) -> dict:
@@ -115,10 +137,14 @@ def parallel_schema() -> Schema:
     )
 
 
+def encoded_funnel(rows: int, seed: int = 3) -> tuple[Encoder, TensorTable]:
+    """(encoder, table) of ``rows`` planted-funnel rows, the encoder fitted on them."""
+    frame = funnel_frame(rows, seed=seed)
+    enc = Encoder(Schema.from_dict(FUNNEL_SCHEMA)).fit(frame)
+    return enc, enc.transform(frame)
+
+
 @pytest.fixture(scope="module")
 def small():
     """(encoder, table) of 600 planted-funnel rows (click -> purchase), for structural checks."""
-    schema = Schema.from_dict(FUNNEL_SCHEMA)
-    frame = funnel_frame(600, seed=3)
-    enc = Encoder(schema).fit(frame)
-    return enc, enc.transform(frame)
+    return encoded_funnel(600)

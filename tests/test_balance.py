@@ -19,9 +19,8 @@ from mtlrec.config import TrainConfig
 from mtlrec.data.encoder import Encoder
 from mtlrec.errors import ConfigError
 from mtlrec.models import build_model
-from mtlrec.schema import Schema
 from mtlrec.train.trainer import Trainer
-from tests.conftest import FUNNEL_SCHEMA, funnel_frame
+from tests.conftest import encoded_funnel, funnel_frame
 
 NAMES = [
     "ew",
@@ -59,10 +58,7 @@ def _one_thread():
 @pytest.fixture(scope="module")
 def small():
     """(encoder, table): 1,200 planted-signal funnel rows (click -> purchase)."""
-    schema = Schema.from_dict(FUNNEL_SCHEMA)
-    frame = funnel_frame(1200, seed=3)
-    enc = Encoder(schema).fit(frame)
-    return enc, enc.transform(frame)
+    return encoded_funnel(1200)
 
 
 def _model(enc, name: str = "shared-bottom", seed: int = 0):

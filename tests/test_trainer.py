@@ -13,7 +13,12 @@ from mtlrec.data.encoder import Encoder
 from mtlrec.models import build_model
 from mtlrec.train.run import train_run
 from mtlrec.train.trainer import Trainer, TrainingDiverged
-from tests.conftest import FUNNEL_SCHEMA, files_dataset, funnel_frame
+from tests.conftest import (
+    FUNNEL_SCHEMA,
+    files_dataset,
+    funnel_frame,
+    resume_matches_straight_run,
+)
 
 
 def _trainer(funnel_tables, **train):
@@ -86,13 +91,7 @@ def test_test_split_is_encoded_once_after_training(files_config, tmp_path, monke
 
 
 def test_resume_continues_to_the_same_result(files_config, tmp_path):
-    echo = lambda *_: None  # noqa: E731
-    train_run(files_config(epochs=4, patience=10), tmp_path / "straight", echo=echo)
-    train_run(files_config(epochs=2, patience=10), tmp_path / "resumed", echo=echo)
-    train_run(files_config(epochs=4, patience=10), tmp_path / "resumed", resume=True, echo=echo)
-    a = json.loads((tmp_path / "straight" / "metrics.json").read_text())
-    b = json.loads((tmp_path / "resumed" / "metrics.json").read_text())
-    assert a == b
+    resume_matches_straight_run(files_config, tmp_path, epochs=4, stop_after=2)
     history = json.loads((tmp_path / "resumed" / "history.json").read_text())
     assert [e["epoch"] for e in history["epochs"]] == [1, 2, 3, 4]
 
