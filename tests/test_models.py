@@ -8,7 +8,7 @@ from mtlrec.data.encoder import Encoder
 from mtlrec.errors import ConfigError
 from mtlrec.models import MTLModel, build_model, describe_models
 from mtlrec.models.base import ModelOutput
-from mtlrec.nn.experts import Experts
+from mtlrec.nn.experts import Experts, Gate, mix, stacked_gates
 from mtlrec.train.metrics import auc
 from mtlrec.train.trainer import predict
 from tests.conftest import funnel_frame
@@ -116,6 +116,36 @@ def test_batched_experts_equal_a_loop_of_mlps():
         for w, b in zip(experts.weights, experts.biases):
             h = torch.relu(h @ w[e] + b[e, 0])
         assert torch.allclose(out[:, e], h, atol=1e-6)
+
+
+def test_stacked_gates_and_batched_mix_equal_one_gate_at_a_time():
+    torch.manual_seed(0)
+    gates = [Gate(5, 3) for _ in range(2)]
+    x, experts = torch.randn(6, 5), torch.randn(6, 3, 4)
+    stacked = stacked_gates(gates, x)
+    assert stacked.shape == (6, 2, 3)
+    mixed = mix(stacked, experts)
+    for t, gate in enumerate(gates):
+        alone = torch.softmax(x @ gate.linear.weight.T + gate.linear.bias, -1)
+        assert torch.allclose(stacked[:, t], alone, atol=1e-6)
+        by_hand = sum(alone[:, e : e + 1] * experts[:, e] for e in range(3))
+        assert torch.allclose(mixed[:, t], by_hand, atol=1e-6)
+        assert torch.allclose(mix(alone, experts), by_hand, atol=1e-6)
+
+
+def test_mmoe_output_follows_the_paper_per_task(funnel_tables):
+    """y_k = h^k(sum_i g^k(x)_i f_i(x)) (MMoE Eq. 5-6), computed task by task by hand."""
+    enc, train, _ = funnel_tables
+    torch.manual_seed(0)
+    model = build_model("mmoe", enc.schema, enc.layout(), {"num_experts": 3})
+    batch = train.head(7)
+    x = model.embedding(batch)
+    experts = model.experts(x)
+    logits = model(batch).logits
+    for t, tower in enumerate(model.task_modules):
+        g = torch.softmax(model.gates[t].linear(x), -1)
+        expected = tower(sum(g[:, e : e + 1] * experts[:, e] for e in range(3)))
+        assert torch.allclose(logits[:, t : t + 1], expected, atol=1e-5)
 
 
 def test_mmoe_gates_are_per_task_distributions(funnel_tables):

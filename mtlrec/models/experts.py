@@ -15,7 +15,7 @@ from mtlrec.data.table import TensorTable
 from mtlrec.errors import ConfigError
 from mtlrec.models.base import ModelConfig, ModelOutput, MTLModel
 from mtlrec.models.registry import register
-from mtlrec.nn.experts import Experts, Gate, mix
+from mtlrec.nn.experts import Experts, Gate, mix, stacked_gates
 from mtlrec.nn.mlp import MLP
 
 
@@ -45,11 +45,12 @@ class _MixtureBase(MTLModel):
     def forward(self, batch: TensorTable) -> ModelOutput:
         x = self.embedding(batch)
         expert_out = self.experts(x)  # [B, E, D]
-        gates = [g(x) for g in self.gates]
-        if len(gates) == 1:
-            gates = gates * self.num_tasks
-        logits = [tower(mix(g, expert_out)) for tower, g in zip(self.task_modules, gates)]
-        return ModelOutput(logits=torch.cat(logits, 1), extras={"gates": torch.stack(gates, 1)})
+        gates = stacked_gates(self.gates, x)  # [B, G, E], G = tasks (MMoE) or 1 (OMoE)
+        if gates.shape[1] == 1:
+            gates = gates.expand(-1, self.num_tasks, -1)
+        mixed = mix(gates, expert_out)  # [B, T, D]
+        logits = [tower(mixed[:, t]) for t, tower in enumerate(self.task_modules)]
+        return ModelOutput(logits=torch.cat(logits, 1), extras={"gates": gates})
 
 
 @register("omoe")
