@@ -9,6 +9,7 @@ from mtlrec.errors import ConfigError
 from mtlrec.models import MTLModel, build_model, describe_models
 from mtlrec.models.base import ModelOutput
 from mtlrec.nn.experts import Experts, Gate, mix, stacked_gates
+from mtlrec.schema import Schema, Task
 from mtlrec.train.metrics import auc
 from mtlrec.train.trainer import predict
 from tests.conftest import funnel_frame
@@ -192,6 +193,29 @@ def test_aitm_calibration_penalty_matches_the_paper(funnel_tables):
     # the conditional CVR is the ratio of entire-space probabilities (clipped to [0, 1])
     ratio = (joint[:, 1] / joint[:, 0]).clamp(max=1 - 1e-7)
     assert torch.allclose(cond[:, 1], ratio, atol=1e-5)
+
+
+@pytest.mark.parametrize("second", [Task("purchase"), Task("score", "regression")])
+def test_parallel_task_losses_are_per_task_means(second, parallel_schema):
+    """Without a dependency every row counts: BCE-with-logits or squared error, averaged."""
+    schema = Schema(features=parallel_schema.features, tasks=[Task("click"), second])
+    frame = funnel_frame(50, seed=2)
+    enc = Encoder(schema).fit(frame)
+    batch = enc.transform(frame)
+    model = build_model("shared-bottom", enc.schema, enc.layout())
+    logits = torch.randn(len(batch), 2)
+    losses = model.task_losses(ModelOutput(logits=logits), batch)
+    y = batch.labels
+    click = -(
+        y[:, 0] * logits[:, 0].sigmoid().log() + (1 - y[:, 0]) * (-logits[:, 0]).sigmoid().log()
+    )
+    if second.type == "binary":
+        score = -(
+            y[:, 1] * logits[:, 1].sigmoid().log() + (1 - y[:, 1]) * (-logits[:, 1]).sigmoid().log()
+        )
+    else:
+        score = (logits[:, 1] - y[:, 1]) ** 2
+    assert torch.allclose(losses, torch.stack([click.mean(), score.mean()]), atol=1e-5)
 
 
 def test_default_losses_mask_unobserved_rows(funnel_tables):
