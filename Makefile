@@ -33,6 +33,7 @@ lint: $(STAMP)
 bench-census: $(STAMP)
 	$(BIN)/python benchmarks/census/run.py
 	$(BIN)/python benchmarks/census/peers.py
+	$(BIN)/python benchmarks/census/halves.py
 	$(BIN)/python benchmarks/census/run.py --report-only
 
 clean:

@@ -5,6 +5,7 @@ import pandas as pd
 import pytest
 
 from mtlrec.data.datasets import load_dataset
+from mtlrec.data.datasets.census import census_halves, read_census
 from mtlrec.data.datasets.download import RemoteFile, locate
 from mtlrec.data.datasets.synthetic import generate_mmoe
 from mtlrec.data.encoder import Encoder
@@ -36,6 +37,12 @@ def test_census_full_split_sizes_and_rates(data_dir):
     # the validation/test halves do not depend on the run's seed
     again = load_dataset("census-income", seed=99)
     assert again.valid["age"].equals(splits.valid["age"])
+    # the halves are census_halves' row positions of the labelled test file, which
+    # benchmarks/census/halves.py relies on to rescore exactly this test half
+    whole = read_census("test")
+    valid_rows, test_rows = census_halves(len(whole))
+    assert sorted(np.concatenate([valid_rows, test_rows]).tolist()) == list(range(len(whole)))
+    assert whole.iloc[test_rows].reset_index(drop=True).equals(splits.test)
 
 
 def test_adult_tasks_and_rates(data_dir):

@@ -82,13 +82,25 @@ def _schema(
     return Schema(features=feats, tasks=list(TASKS))
 
 
+def census_halves(rows: int) -> tuple[np.ndarray, np.ndarray]:
+    """Row positions of the (validation, test) halves of a ``rows``-row Census test file."""
+    order = np.random.default_rng(SPLIT_SEED).permutation(rows)
+    return order[: rows // 2], order[rows // 2 :]
+
+
 def _halves(frame: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
-    order = np.random.default_rng(SPLIT_SEED).permutation(len(frame))
-    half = len(frame) // 2
-    return (
-        frame.iloc[order[:half]].reset_index(drop=True),
-        frame.iloc[order[half:]].reset_index(drop=True),
+    valid, test = census_halves(len(frame))
+    return frame.iloc[valid].reset_index(drop=True), frame.iloc[test].reset_index(drop=True)
+
+
+def read_census(split: str) -> pd.DataFrame:
+    """One Census-Income file ("train" or "test") with the ``income`` and ``marital`` labels."""
+    frame = read_frame(
+        locate(CENSUS_FILES[split]), header=False, names=CENSUS_COLUMNS, columns=CENSUS_COLUMNS
     )
+    frame["income"] = (frame["income_50k"].str.strip() == "50000+.").astype(int)
+    frame["marital"] = (frame["marital_stat"].str.strip() == "Never married").astype(int)
+    return frame
 
 
 def _cap(frame: pd.DataFrame, max_rows: int | None) -> pd.DataFrame:
@@ -106,13 +118,7 @@ def census_income(
 
     ``numeric_buckets`` > 0 also embeds each numeric column's quantile bucket; ``log_amounts``
     log-transforms the numeric columns before standardising."""
-    frames = {}
-    for split, remote in CENSUS_FILES.items():
-        path = locate(remote)
-        frame = read_frame(path, header=False, names=CENSUS_COLUMNS, columns=CENSUS_COLUMNS)
-        frame["income"] = (frame["income_50k"].str.strip() == "50000+.").astype(int)
-        frame["marital"] = (frame["marital_stat"].str.strip() == "Never married").astype(int)
-        frames[split] = frame
+    frames = {split: read_census(split) for split in CENSUS_FILES}
     valid, test = _halves(frames["test"])
     schema = _schema(
         CENSUS_COLUMNS,
@@ -126,7 +132,7 @@ def census_income(
         _cap(frames["train"], max_rows),
         _cap(valid, max_rows),
         _cap(test, max_rows),
-        source=str(path.parent),
+        source=str(locate(CENSUS_FILES["test"]).parent),
     )
 
 
