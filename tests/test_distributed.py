@@ -82,7 +82,12 @@ def _compare_runs(single: Path, multi: Path, atol: float) -> None:
     for split in ("valid", "test"):
         for task, values in ma[split].items():
             for name, value in values.items():
-                assert mb[split][task][name] == pytest.approx(value, abs=1e-5), (split, task, name)
+                # AUC counts ordered pairs: scores of ~300 rows from a barely trained model hold
+                # near-ties that float rounding (per-rank GEMM sizes) may order either way, and
+                # one pair that ties or flips moves the AUC by 2.5e-5 to 5e-5. A wrong shard or
+                # gather moves it by far more; log loss and MSE have no ties and stay at 1e-5.
+                tol = 1e-4 if name == "auc" else 1e-5
+                assert mb[split][task][name] == pytest.approx(value, abs=tol), (split, task, name)
     ha = json.loads((single / "history.json").read_text())["epochs"]
     hb = json.loads((multi / "history.json").read_text())["epochs"]
     for ea, eb in zip(ha, hb, strict=True):
