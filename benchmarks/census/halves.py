@@ -25,7 +25,8 @@ import statistics
 from pathlib import Path
 
 import numpy as np
-from sklearn.metrics import roc_auc_score
+
+from mtlrec.train.metrics import auc
 
 HERE = Path(__file__).resolve().parent
 TASKS = ("income", "marital")
@@ -50,8 +51,7 @@ def score_runs(runs: Path, frame) -> dict[str, list[np.ndarray]]:
 def half_auc(labels: np.ndarray, preds: list[np.ndarray], rows: np.ndarray) -> list[float]:
     """Per task: the mean over seeds of the AUC on ``rows``."""
     return [
-        statistics.mean(roc_auc_score(labels[rows, t], p[rows, t]) for p in preds)
-        for t in range(len(TASKS))
+        statistics.mean(auc(labels[rows, t], p[rows, t]) for p in preds) for t in range(len(TASKS))
     ]
 
 

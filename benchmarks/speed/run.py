@@ -355,9 +355,10 @@ def _rss_mb() -> float:
 
 
 def _auc(labels: np.ndarray, probs: np.ndarray) -> float:
-    from sklearn.metrics import roc_auc_score
+    """Mean over the two tasks of mtlrec's own AUC (the definition its metrics.json uses)."""
+    from mtlrec.train.metrics import auc
 
-    return float(np.mean([roc_auc_score(labels[:, t], probs[:, t]) for t in range(2)]))
+    return float(np.mean([auc(labels[:, t], probs[:, t]) for t in range(2)]))
 
 
 def worker(spec: dict) -> dict:
