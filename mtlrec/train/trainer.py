@@ -123,7 +123,8 @@ class Trainer:
     ) -> None:
         self.model = model
         # train.compile: the training forward runs through torch.compile (inductor fuses the
-        # element-wise work around the matmuls: +10-20% samples/s on CPU, benchmarks/speed);
+        # element-wise work around the matmuls: +11-22 % samples/s single-threaded on CPU, no
+        # gain at 2 threads; benchmarks/speed);
         # evaluation, checkpoints and meta-training use the eager module, which shares weights.
         if config.compile and (balancer.per_task_backward or monitor is not None):
             # Measured (torch 2.13, CPU): a second backward through a compiled graph with
