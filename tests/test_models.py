@@ -8,7 +8,7 @@ from mtlrec.data.encoder import Encoder
 from mtlrec.errors import ConfigError
 from mtlrec.models import MTLModel, build_model, describe_models
 from mtlrec.models.base import ModelOutput
-from mtlrec.nn.experts import Experts, Gate, mix, stacked_gates
+from mtlrec.nn.experts import Experts, Gate, experts_and_gates, mix, stacked_gates
 from mtlrec.schema import Schema, Task
 from mtlrec.train.metrics import auc
 from mtlrec.train.trainer import predict
@@ -132,6 +132,32 @@ def test_stacked_gates_and_batched_mix_equal_one_gate_at_a_time():
         by_hand = sum(alone[:, e : e + 1] * experts[:, e] for e in range(3))
         assert torch.allclose(mixed[:, t], by_hand, atol=1e-6)
         assert torch.allclose(mix(alone, experts), by_hand, atol=1e-6)
+
+
+@pytest.mark.parametrize("hidden, num_gates", [((4,), 2), ((4, 3), 1), ((4, 3), 3)])
+def test_experts_and_gates_in_one_gemm_equal_them_apart(hidden, num_gates):
+    """The fused first-layer GEMM gives the same outputs and the same gradients on every
+    parameter (and the input) as running the experts and the gates separately."""
+    torch.manual_seed(0)
+    experts = Experts(4, 5, hidden)
+    gates = [Gate(5, 4) for _ in range(num_gates)]
+    params = [*experts.parameters(), *(p for g in gates for p in g.parameters())]
+    x = torch.randn(6, 5, requires_grad=True)
+    grad_out = torch.randn(6, 4, hidden[-1]), torch.randn(6, num_gates, 4)
+
+    def outputs_and_grads(fused: bool):
+        out = (
+            experts_and_gates(experts, gates, x) if fused else (experts(x), stacked_gates(gates, x))
+        )
+        grads = torch.autograd.grad(out, [x, *params], grad_out)
+        return out, grads
+
+    (h, g), grads = outputs_and_grads(fused=True)
+    (h_ref, g_ref), grads_ref = outputs_and_grads(fused=False)
+    assert h.shape == (6, 4, hidden[-1]) and g.shape == (6, num_gates, 4)
+    assert torch.allclose(h, h_ref, atol=1e-6) and torch.allclose(g, g_ref, atol=1e-6)
+    for a, b in zip(grads, grads_ref):
+        assert a.shape == b.shape and torch.allclose(a, b, atol=1e-6)
 
 
 def test_mmoe_output_follows_the_paper_per_task(funnel_tables):

@@ -15,7 +15,7 @@ from mtlrec.data.table import TensorTable
 from mtlrec.errors import ConfigError
 from mtlrec.models.base import ModelConfig, ModelOutput, MTLModel
 from mtlrec.models.registry import register
-from mtlrec.nn.experts import Experts, Gate, mix, stacked_gates
+from mtlrec.nn.experts import Experts, Gate, experts_and_gates, mix
 from mtlrec.nn.mlp import MLP
 
 
@@ -44,8 +44,8 @@ class _MixtureBase(MTLModel):
 
     def forward(self, batch: TensorTable) -> ModelOutput:
         x = self.embedding(batch)
-        expert_out = self.experts(x)  # [B, E, D]
-        gates = stacked_gates(self.gates, x)  # [B, G, E], G = tasks (MMoE) or 1 (OMoE)
+        # [B, E, D] and [B, G, E], G = tasks (MMoE) or 1 (OMoE)
+        expert_out, gates = experts_and_gates(self.experts, self.gates, x)
         if gates.shape[1] == 1:
             gates = gates.expand(-1, self.num_tasks, -1)
         mixed = mix(gates, expert_out)  # [B, T, D]

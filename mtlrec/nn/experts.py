@@ -41,23 +41,32 @@ class Experts(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``x``: [B, in] shared by all experts, or [E, B, in] one input per expert."""
-        layers = list(zip(self.weights, self.biases))
         if x.dim() == 2:
             # A shared input makes the first layer one [B, in] x [in, E * width] GEMM, whose
             # forward and backward profiled ~1.6x faster on CPU than baddbmm over the expanded
             # input for Census-sized experts (and a few percent faster for large ones).
-            w, b = layers.pop(0)
-            experts, dim, width = w.shape
-            flat = w.permute(1, 0, 2).reshape(dim, experts * width)
-            h = self._activate(torch.addmm(b.reshape(-1), x, flat).view(-1, experts, width))
-            if not layers:
-                return h  # [B, E, out]
-            h = h.transpose(0, 1)
-        else:
-            h = x
-        for w, b in layers:
+            weight, bias = self.first_layer()
+            return self.after_first_layer(torch.addmm(bias, x, weight))
+        return self._per_expert_layers(x, start=0)
+
+    def first_layer(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The first layer of all experts as one ``[in, E * width]`` weight and its bias."""
+        w, b = self.weights[0], self.biases[0]
+        experts, dim, width = w.shape
+        return w.permute(1, 0, 2).reshape(dim, experts * width), b.reshape(-1)
+
+    def after_first_layer(self, pre: torch.Tensor) -> torch.Tensor:
+        """``[B, E * width]`` pre-activations of the first layer -> ``[B, E, out]``."""
+        h = self._activate(pre.view(pre.shape[0], self.num_experts, -1))
+        if len(self.weights) == 1:
+            return h
+        return self._per_expert_layers(h.transpose(0, 1), start=1)
+
+    def _per_expert_layers(self, h: torch.Tensor, start: int) -> torch.Tensor:
+        """Layers ``start..`` on ``[E, B, in]``, one ``baddbmm`` each -> ``[B, E, out]``."""
+        for w, b in zip(list(self.weights)[start:], list(self.biases)[start:]):
             h = self._activate(torch.baddbmm(b, h, w))
-        return h.transpose(0, 1)  # [B, E, out]
+        return h.transpose(0, 1)
 
     def _activate(self, h: torch.Tensor) -> torch.Tensor:
         h = torch.relu(h)
@@ -86,6 +95,24 @@ def stacked_gates(gates: Sequence[Gate], x: torch.Tensor) -> torch.Tensor:
     bias = torch.cat([g.linear.bias for g in gates])
     logits = nn.functional.linear(x, weight, bias)
     return torch.softmax(logits.view(x.shape[0], len(gates), -1), dim=-1)
+
+
+def experts_and_gates(
+    experts: Experts, gates: Sequence[Gate], x: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``([B, E, out], [B, G, E])``: experts and G softmax gates that all read the same ``x``.
+
+    The experts' first layer and every gate run as one GEMM over their concatenated weights,
+    then split: the same products as ``experts(x)`` and ``stacked_gates(gates, x)``, one GEMM
+    fewer forward and two fewer backward (benchmarks/speed/RESULTS.md). Parameters stay where
+    they are, so checkpoints and the shared/task-specific split do not change."""
+    weight, bias = experts.first_layer()
+    width = weight.shape[1]
+    weight = torch.cat([weight, *(g.linear.weight.t() for g in gates)], 1)
+    bias = torch.cat([bias, *(g.linear.bias for g in gates)])
+    pre, logits = torch.addmm(bias, x, weight).split([width, weight.shape[1] - width], 1)
+    logits = logits.reshape(x.shape[0], len(gates), -1)
+    return experts.after_first_layer(pre), torch.softmax(logits, dim=-1)
 
 
 def mix(gate: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
