@@ -119,10 +119,11 @@ def test_batched_experts_equal_a_loop_of_mlps():
         assert torch.allclose(out[:, e], h, atol=1e-6)
 
 
-def test_stacked_gates_and_batched_mix_equal_one_gate_at_a_time():
+@pytest.mark.parametrize("width", [4, 100])  # 2 x 3 x 4 < 400: broadcast; 2 x 3 x 100: bmm
+def test_stacked_gates_and_batched_mix_equal_one_gate_at_a_time(width):
     torch.manual_seed(0)
     gates = [Gate(5, 3) for _ in range(2)]
-    x, experts = torch.randn(6, 5), torch.randn(6, 3, 4)
+    x, experts = torch.randn(6, 5), torch.randn(6, 3, width)
     stacked = stacked_gates(gates, x)
     assert stacked.shape == (6, 2, 3)
     mixed = mix(stacked, experts)
