@@ -8,7 +8,7 @@ from mtlrec.data.encoder import Encoder
 from mtlrec.errors import ConfigError
 from mtlrec.models import MTLModel, build_model, describe_models
 from mtlrec.models.base import ModelOutput
-from mtlrec.nn.experts import Experts, Gate, experts_and_gates, mix, stacked_gates
+from mtlrec.nn.experts import Experts, Gate, experts_and_gates, mix
 from mtlrec.schema import Schema, Task
 from mtlrec.train.metrics import auc
 from mtlrec.train.trainer import predict
@@ -120,11 +120,11 @@ def test_batched_experts_equal_a_loop_of_mlps():
 
 
 @pytest.mark.parametrize("width", [4, 100])  # 2 x 3 x 4 < 400: broadcast; 2 x 3 x 100: bmm
-def test_stacked_gates_and_batched_mix_equal_one_gate_at_a_time(width):
+def test_gates_and_batched_mix_equal_one_gate_at_a_time(width):
     torch.manual_seed(0)
     gates = [Gate(5, 3) for _ in range(2)]
     x, experts = torch.randn(6, 5), torch.randn(6, 3, width)
-    stacked = stacked_gates(gates, x)
+    stacked = torch.stack([g(x) for g in gates], 1)
     assert stacked.shape == (6, 2, 3)
     mixed = mix(stacked, experts)
     for t, gate in enumerate(gates):
@@ -148,7 +148,9 @@ def test_experts_and_gates_in_one_gemm_equal_them_apart(hidden, num_gates):
 
     def outputs_and_grads(fused: bool):
         out = (
-            experts_and_gates(experts, gates, x) if fused else (experts(x), stacked_gates(gates, x))
+            experts_and_gates(experts, gates, x)
+            if fused
+            else (experts(x), torch.stack([g(x) for g in gates], 1))
         )
         grads = torch.autograd.grad(out, [x, *params], grad_out)
         return out, grads

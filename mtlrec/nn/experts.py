@@ -84,28 +84,15 @@ class Gate(nn.Module):
         return torch.softmax(self.linear(x), dim=-1)
 
 
-def stacked_gates(gates: Sequence[Gate], x: torch.Tensor) -> torch.Tensor:
-    """``[B, G, E]``: the softmax weights of G gates that read the same input ``x``.
-
-    The G gate layers run as one GEMM over their concatenated weights (the parameters stay one
-    ``Gate`` per task, so checkpoints and the shared/task-specific split are unchanged)."""
-    if len(gates) == 1:
-        return gates[0](x).unsqueeze(1)
-    weight = torch.cat([g.linear.weight for g in gates])
-    bias = torch.cat([g.linear.bias for g in gates])
-    logits = nn.functional.linear(x, weight, bias)
-    return torch.softmax(logits.view(x.shape[0], len(gates), -1), dim=-1)
-
-
 def experts_and_gates(
     experts: Experts, gates: Sequence[Gate], x: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``([B, E, out], [B, G, E])``: experts and G softmax gates that all read the same ``x``.
 
     The experts' first layer and every gate run as one GEMM over their concatenated weights,
-    then split: the same products as ``experts(x)`` and ``stacked_gates(gates, x)``, one GEMM
-    fewer forward and two fewer backward (benchmarks/speed/RESULTS.md). Parameters stay where
-    they are, so checkpoints and the shared/task-specific split do not change."""
+    then split: the same products as ``experts(x)`` and each ``gate(x)``, one GEMM fewer forward
+    and two fewer backward (benchmarks/speed/RESULTS.md). Parameters stay one ``Gate`` per task,
+    so checkpoints and the shared/task-specific split do not change."""
     weight, bias = experts.first_layer()
     width = weight.shape[1]
     weight = torch.cat([weight, *(g.linear.weight.t() for g in gates)], 1)
