@@ -145,8 +145,9 @@ def write_markdown(rows: list[dict]) -> None:
         "3-4), so it is inflated and only comparable within this table; alone, MMoE runs "
         "about 3 s/epoch on one thread here.",
         "",
-        "The MMoE and OMoE rows were re-measured after their gates moved to one GEMM and their "
-        "gate mix to one `bmm` (same equations, another floating-point summation order, so the "
+        "The MMoE and OMoE rows were re-measured after their gates and the experts' first layer "
+        "moved into one GEMM and their gate mix to one `bmm` (same equations, another "
+        "floating-point summation order, so the "
         "runs are not bit-identical to the earlier ones); the other rows are the earlier runs "
         "of unchanged code. `python benchmarks/census/run.py --models mmoe omoe` re-runs just "
         "those rows and keeps the others.",
