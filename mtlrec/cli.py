@@ -150,6 +150,30 @@ def compare(
 
 
 @app.command()
+def reproduce(
+    run_dirs: Annotated[list[Path], typer.Argument(help="Finished run directories")],
+    epochs: Annotated[int, typer.Option(help="How many leading epochs to train again")] = 1,
+) -> None:
+    """Train each run's first epochs again from its config and seed; check they match bit for bit.
+
+    Exit status 0 when every run reproduces, 1 when any differs (the first differing figure is
+    printed), 2 on an unusable run directory."""
+    from mtlrec.train.replay import replay_run
+
+    differs = False
+    for run in run_dirs:
+        try:
+            result = replay_run(run, epochs=epochs)
+        except MTLRecError as exc:
+            _fail(exc)
+        differs |= not result.identical
+        mark = "[green]ok[/green]" if result.identical else "[red]DIFFERS[/red]"
+        console.print(f"{mark} {run}: {result.summary()}", highlight=False, soft_wrap=True)
+    if differs:
+        raise typer.Exit(1)
+
+
+@app.command()
 def report(
     run_dir: Annotated[Path, typer.Argument(help="A run directory written by 'mtlrec train'")],
     baseline: Annotated[

@@ -148,3 +148,34 @@ def encoded_funnel(rows: int, seed: int = 3) -> tuple[Encoder, TensorTable]:
 def small():
     """(encoder, table) of 600 planted-funnel rows (click -> purchase), for structural checks."""
     return encoded_funnel(600)
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory) -> Path:
+    """A finished 2-epoch MMoE run folder on small funnel files (one torch thread, seed 4)."""
+    from mtlrec import config as cfg
+    from mtlrec.train.run import train_run
+
+    root = tmp_path_factory.mktemp("finished")
+    frames = {
+        "train": funnel_frame(1200, 1),
+        "valid": funnel_frame(400, 2),
+        "test": funnel_frame(300, 3),
+    }
+    config = cfg.resolve(
+        {
+            "dataset": files_dataset(root / "data", frames, FUNNEL_SCHEMA),
+            "model": {"name": "mmoe", "num_experts": 3},
+            "train": {"epochs": 2, "batch_size": 256, "seed": 4, "threads": 1},
+        }
+    )
+    train_run(config, root / "run", echo=lambda *_: None)
+    return root / "run"
+
+
+def copy_run(run: Path, to: Path) -> Path:
+    """The files a replay reads (config.yaml, history.json) of ``run``, copied to ``to``."""
+    to.mkdir(parents=True)
+    for name in ("config.yaml", "history.json"):
+        (to / name).write_text((run / name).read_text())
+    return to
