@@ -162,6 +162,7 @@ def reproduce(
 
     differs = False
     for run in run_dirs:
+        err.print(f"replaying {epochs} epoch(s) of {run} ...", highlight=False)
         try:
             result = replay_run(run, epochs=epochs)
         except MTLRecError as exc:
