@@ -142,14 +142,19 @@ def write_markdown(rows: list[dict]) -> None:
         "`mtlrec/presets/census-income.yaml` (chosen on validation AUC).",
         "",
         "The s/epoch column was measured while other jobs shared the 2 cores (load average "
-        "3-4), so it is inflated and only comparable within this table; alone, MMoE runs "
-        "about 3 s/epoch on one thread here.",
+        "2-4, different for rows re-run at different times), so it is inflated and only a "
+        "rough guide; alone, MMoE runs about 3 s/epoch on one thread here.",
         "",
-        "The MMoE and OMoE rows were re-measured after their gates and the experts' first layer "
-        "moved into one GEMM and their gate mix to one `bmm` (same equations, another "
-        "floating-point summation order, so the "
-        "runs are not bit-identical to the earlier ones); the other rows are the earlier runs "
-        "of unchanged code. `python benchmarks/census/run.py --models mmoe omoe` re-runs just "
+        "Every row is checked against the current code by `make bench-reproduce`, which trains "
+        "each row's first epoch again and compares it bit for bit "
+        "([benchmarks/reproduce/RESULTS.md](../reproduce/RESULTS.md)). That check found that the "
+        "CGC, PLE and ESMM runs no longer matched (they predated the experts' one-GEMM first "
+        "layer, which also changed the order of the experts' dropout draws, and the "
+        "`index_select` embedding lookup), so those rows were re-run; MMoE and OMoE were re-run "
+        "after their gates and the experts' first layer moved into one GEMM. Single-task, "
+        "Shared-Bottom and AITM are earlier runs whose training replays bit for bit (their "
+        "validation AUC differs from the replay's in the 8th decimal or later: the evaluation "
+        "code changed). `python benchmarks/census/run.py --models cgc ple esmm` re-runs just "
         "those rows and keeps the others.",
         "",
         "| model | income AUC | never-married AUC | epochs run (best) | s/epoch | parameters |",
