@@ -1,0 +1,193 @@
+"""Do the committed benchmark results still reproduce with the current code?
+
+Why: every table under benchmarks/ is made of training runs (config, seed, per-epoch history).
+When the code changes what training computes (a fused kernel, another summation order, a new
+initialisation), the committed numbers can no longer be reproduced with their own command, and
+nothing says so. The run folders themselves are not committed (checkpoints are large), so
+``--record`` stores each benchmark configuration's fingerprint in ``fingerprints.json``: the
+resolved config of its lowest-seed run and that run's first-epoch training losses and
+validation metrics. Without ``--record`` this trains every fingerprinted config again for those
+epochs (``mtlrec.train.replay``) and reports which still match bit for bit, from a clean
+checkout.
+
+Usage::
+
+    python benchmarks/reproduce/run.py                 # replay fingerprints.json, 2 at a time
+    python benchmarks/reproduce/run.py --benchmarks census zoo --parallel 1
+    python benchmarks/reproduce/run.py --record        # after re-running a benchmark
+
+Writes ``results.json`` (one row per run: benchmark, run, status, summary, max_abs_diff) and
+``RESULTS.md`` beside this script (``--results-dir`` to change).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shlex
+import subprocess
+import sys
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from datetime import date
+from multiprocessing import get_context
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+BENCHMARKS = HERE.parent
+REPO = BENCHMARKS.parent
+FINGERPRINTS = HERE / "fingerprints.json"
+# Benchmarks whose runs are single-process `mtlrec train` runs with one torch thread (the scale
+# benchmark's runs are multi-process torchrun runs and are not replayed here).
+DEFAULT_BENCHMARKS = ("census", "zoo", "balance", "cascade")
+_SEED = re.compile(r"-seed(\d+)$")
+
+
+def lowest_seed_runs(folder: Path) -> list[Path]:
+    """Finished runs in ``folder`` (config.yaml and history.json present), one per
+    configuration: the lowest seed, since the seeds of a configuration run the same code."""
+    lowest: dict[str, tuple[int, Path]] = {}
+    for history in sorted(folder.glob("*/history.json")):
+        run = history.parent
+        if not (run / "config.yaml").exists():
+            continue
+        match = _SEED.search(run.name)
+        key, seed = (run.name[: match.start()], int(match.group(1))) if match else (run.name, 0)
+        if key not in lowest or seed < lowest[key][0]:
+            lowest[key] = (seed, run)
+    return sorted(run for _, run in lowest.values())
+
+
+def record(benchmarks: list[str], epochs: int, root: Path = BENCHMARKS) -> list[dict[str, Any]]:
+    """Fingerprints of the local run folders of ``benchmarks`` (``root/NAME/runs``)."""
+    from mtlrec.train.replay import fingerprint
+
+    prints = []
+    for name in benchmarks:
+        folder = root / name / "runs"
+        if not folder.is_dir():
+            raise SystemExit(f"{folder}: no runs to record (run the benchmark first)")
+        for run in lowest_seed_runs(folder):
+            prints.append({"benchmark": name, "run": run.name, **fingerprint(run, epochs)})
+    return prints
+
+
+def _git_commit() -> str:
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True
+        )
+    except OSError:
+        return "unknown"
+    return out.stdout.strip() or "unknown"
+
+
+def write_markdown(path: Path, rows: list[dict[str, Any]], args: argparse.Namespace) -> None:
+    from mtlrec.bench.hardware import describe
+    from mtlrec.bench.runs import shown_arguments
+
+    command = "python benchmarks/reproduce/run.py " + shlex.join(shown_arguments(sys.argv[1:]))
+    statuses = dict.fromkeys(r["status"] for r in rows)
+    counts = ", ".join(f"{sum(r['status'] == s for r in rows)} {s}" for s in statuses)
+    lines = [
+        "# Do the committed benchmark results reproduce?",
+        "",
+        f"Command: `{command.strip()}` with `MTLREC_DATA_DIR` set to the shared data folder "
+        f"({date.today().isoformat()}, code at commit {_git_commit()}).",
+        f"Hardware: {describe()}; {args.parallel} replay(s) at a time, each with its run's own "
+        "thread count (1).",
+        "",
+        "For each benchmark configuration, `fingerprints.json` holds the resolved config of its "
+        "lowest-seed run and that run's first-epoch training loss and validation AUC / log loss "
+        "per task. The config (same seed, same data) is trained again for that epoch and every "
+        "figure is compared bit for bit. 'evaluation differs': the training losses match and only "
+        "the validation figures moved (the evaluation code changed in the last bits); 'training "
+        "differs': the benchmark's numbers cannot be reproduced with the current code and its "
+        "rows need a re-run.",
+        "",
+        f"Summary: {counts}.",
+        "",
+        "| benchmark | run | status | max abs diff | first difference |",
+        "|---|---|---|---|---|",
+    ]
+    for r in rows:
+        diff = "-" if not r.get("max_abs_diff") else f"{r['max_abs_diff']:.2g}"
+        summary = r["summary"]
+        first = summary if r["status"] == "error" else summary.partition("first: ")[2]
+        lines.append(f"| {r['benchmark']} | {r['run']} | {r['status']} | {diff} | {first} |")
+    lines.append("")
+    path.write_text("\n".join(lines))
+
+
+def replay_all(prints: list[dict[str, Any]], parallel: int) -> list[dict[str, Any]]:
+    """Replay every fingerprint, ``parallel`` processes at a time; rows in fingerprint order."""
+    from mtlrec.train.replay import replay_fingerprint
+
+    rows: dict[int, dict[str, Any]] = {}
+
+    def done(i: int, result: dict[str, Any]) -> None:
+        rows[i] = {"benchmark": prints[i]["benchmark"], "run": prints[i]["run"], **result}
+        print(
+            f"[{len(rows)}/{len(prints)}] {_label(prints[i])}: {result['summary']}", file=sys.stderr
+        )
+
+    if parallel == 1:
+        for i, fp in enumerate(prints):
+            done(i, replay_fingerprint(fp, _label(fp)))
+    else:
+        with ProcessPoolExecutor(parallel, mp_context=get_context("spawn")) as pool:
+            futures = {
+                pool.submit(replay_fingerprint, fp, _label(fp)): i for i, fp in enumerate(prints)
+            }
+            for future in as_completed(futures):
+                done(futures[future], future.result())
+    return [rows[i] for i in range(len(prints))]
+
+
+def _label(fp: dict[str, Any]) -> str:
+    return f"{fp['benchmark']}/{fp['run']}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--benchmarks", nargs="+", default=list(DEFAULT_BENCHMARKS))
+    parser.add_argument(
+        "--record", action="store_true", help="write fingerprints.json from the local run folders"
+    )
+    parser.add_argument("--epochs", type=int, default=1, help="epochs to fingerprint (--record)")
+    parser.add_argument("--parallel", type=int, default=2, help="replays at a time")
+    parser.add_argument("--fingerprints", type=Path, default=FINGERPRINTS)
+    parser.add_argument("--results-dir", type=Path, default=HERE)
+    parser.add_argument("--runs-root", type=Path, default=BENCHMARKS, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.parallel < 1 or args.epochs < 1:
+        parser.error("--parallel and --epochs must be >= 1")
+    if args.record:
+        prints = record(args.benchmarks, args.epochs, args.runs_root)
+        args.fingerprints.write_text(json.dumps(prints, indent=1) + "\n")
+        print(f"wrote {len(prints)} fingerprints to {args.fingerprints}", file=sys.stderr)
+        return 0
+
+    shared = REPO.parent / "shared" / "data"
+    if "MTLREC_DATA_DIR" not in os.environ and shared.is_dir():
+        os.environ["MTLREC_DATA_DIR"] = str(shared)  # as the Makefile and the tests do
+    if not args.fingerprints.exists():
+        parser.error(f"{args.fingerprints}: not found (make it with --record)")
+    prints = [
+        fp for fp in json.loads(args.fingerprints.read_text()) if fp["benchmark"] in args.benchmarks
+    ]
+    print(f"{len(prints)} runs, {args.parallel} at a time", file=sys.stderr)
+    rows = replay_all(prints, args.parallel)
+    args.results_dir.mkdir(parents=True, exist_ok=True)
+    (args.results_dir / "results.json").write_text(json.dumps(rows, indent=2) + "\n")
+    write_markdown(args.results_dir / "RESULTS.md", rows, args)
+    print(f"wrote {args.results_dir / 'RESULTS.md'}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,39 @@
+"""benchmarks/reproduce/run.py: fingerprints the lowest seed of each configuration, replays
+them from the committed file and reports which no longer match."""
+
+import importlib.util
+import json
+from pathlib import Path
+
+from tests.conftest import copy_run
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_benchmark_records_lowest_seeds_and_replays_them(finished_run, tmp_path):
+    spec = importlib.util.spec_from_file_location(
+        "reproduce_benchmark", REPO / "benchmarks" / "reproduce" / "run.py"
+    )
+    reproduce = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(reproduce)
+    runs = tmp_path / "bench" / "runs"
+    copy_run(finished_run, runs / "mmoe-seed1")
+    copy_run(finished_run, runs / "mmoe-seed2")
+    drifted = copy_run(finished_run, runs / "other-seed3")
+    history = json.loads((drifted / "history.json").read_text())
+    task = next(iter(history["epochs"][0]["train_loss"]))
+    history["epochs"][0]["train_loss"][task] += 1e-6
+    (drifted / "history.json").write_text(json.dumps(history))
+    (runs / "unfinished_run-seed1").mkdir()
+
+    prints_file, results = tmp_path / "fingerprints.json", tmp_path / "results"
+    common = ["--benchmarks", "bench", "--fingerprints", str(prints_file)]
+    assert reproduce.main([*common, "--record", "--runs-root", str(tmp_path)]) == 0
+    prints = json.loads(prints_file.read_text())
+    assert [p["run"] for p in prints] == ["mmoe-seed1", "other-seed3"]
+    assert reproduce.main([*common, "--parallel", "2", "--results-dir", str(results)]) == 0
+    rows = {r["run"]: r for r in json.loads((results / "results.json").read_text())}
+    assert rows["mmoe-seed1"]["status"] == "identical"
+    assert rows["other-seed3"]["status"] == "training differs"
+    markdown = (results / "RESULTS.md").read_text()
+    assert "1 identical, 1 training differs" in markdown
