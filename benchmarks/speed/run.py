@@ -914,7 +914,7 @@ def render_md(meta: dict, rows: list[dict], details: list[dict]) -> str:
         "by 1-2 ulp, so it changes the training trajectory of every gated model and needs the "
         "Census benchmark re-run with it. Tried again as an autograd Function with the textbook "
         "backward (forward + backward [1024, 2, 8]: 297 → 82 µs at 1 thread, 160 → 82 µs at 2): "
-        "interleaved end to end, Census-sized MMoE +4.7 % at 1 thread and -5 % to +0.5 % at 2 "
+        "interleaved end to end, Census-sized MMoE +4.7 % at 1 thread and -7 % to +0.5 % at 2 "
         "(three runs), Census-sized PLE +0.6 % at 1 thread and -1.5 % at 2. Too small for a "
         "change that every gated model's committed run would have to follow; not landed.",
         "",
