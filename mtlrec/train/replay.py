@@ -119,8 +119,8 @@ def replay_config(
 
     if epochs < 1:
         raise MTLRecError(f"epochs to replay must be >= 1, got {epochs}")
-    # Early stopping cannot end the replay before ``epochs``; nothing else changes.
     cfg.check_sections(config, str(label))
+    # Early stopping cannot end the replay before ``epochs``; nothing else changes.
     overrides = {"train": {"epochs": epochs, "progress": False, "patience": epochs}}
     resolved = cfg.resolve(config, [overrides])
     with tempfile.TemporaryDirectory(dir=work_dir) as tmp:
@@ -153,12 +153,12 @@ def fingerprint(run_dir: str | Path, epochs: int = 1) -> dict[str, Any]:
     }
 
 
-def replay_fingerprint(print_: dict[str, Any], label: str = "run") -> dict[str, Any]:
+def replay_fingerprint(fp: dict[str, Any], label: str = "run") -> dict[str, Any]:
     """Replay a :func:`fingerprint`; a row ``{status, summary, max_abs_diff, seconds}`` where
     status is 'identical', 'evaluation differs', 'training differs' or 'error'."""
     started = time.perf_counter()
     try:
-        result = replay_config(print_["config"], print_["figures"], print_["epochs"], label=label)
+        result = replay_config(fp["config"], fp["figures"], fp["epochs"], label=label)
     except MTLRecError as exc:
         return {"status": "error", "summary": str(exc), "max_abs_diff": None, "seconds": None}
     if result.identical:
