@@ -44,6 +44,7 @@ from mtlrec.bench.runs import (
     run_all,
     shown_arguments,
     train_or_reuse,
+    use_shared_data,
 )
 
 HERE = Path(__file__).resolve().parent
@@ -312,9 +313,7 @@ def main() -> None:
     runs_dir = (args.runs_dir or results_dir / "runs").resolve()
     results_dir.mkdir(parents=True, exist_ok=True)
 
-    shared = REPO.parent / "shared" / "data"
-    if "MTLREC_DATA_DIR" not in os.environ and shared.is_dir():
-        os.environ["MTLREC_DATA_DIR"] = str(shared)  # as the Makefile and the tests do
+    use_shared_data(REPO)
     # Seed-major: a stopped benchmark leaves whole seeds done, reported with --seeds.
     jobs = [(m, b, s) for s in args.seeds for m in args.models for b in balancers]
     print(f"{len(jobs)} runs, {args.parallel} at a time, into {runs_dir}", file=sys.stderr)

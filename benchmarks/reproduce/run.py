@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import re
 import shlex
 import subprocess
@@ -172,9 +171,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"wrote {len(prints)} fingerprints to {args.fingerprints}", file=sys.stderr)
         return 0
 
-    shared = REPO.parent / "shared" / "data"
-    if "MTLREC_DATA_DIR" not in os.environ and shared.is_dir():
-        os.environ["MTLREC_DATA_DIR"] = str(shared)  # as the Makefile and the tests do
+    from mtlrec.bench.runs import use_shared_data
+
+    use_shared_data(REPO)
     if not args.fingerprints.exists():
         parser.error(f"{args.fingerprints}: not found (make it with --record)")
     prints = [

@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shlex
 import statistics
 import sys
@@ -43,6 +42,7 @@ from mtlrec.bench.runs import (
     run_all,
     shown_arguments,
     train_or_reuse,
+    use_shared_data,
 )
 
 HERE = Path(__file__).resolve().parent
@@ -247,9 +247,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.parallel < 1:
         parser.error("--parallel must be >= 1")
-    shared = REPO.parent / "shared" / "data"
-    if "MTLREC_DATA_DIR" not in os.environ and shared.is_dir():
-        os.environ["MTLREC_DATA_DIR"] = str(shared)  # as the Makefile and the tests do
+    use_shared_data(REPO)
 
     requested = args.models or registered_models() + list(VARIANTS)
     bases = {VARIANTS[m][0] for m in requested if m in VARIANTS}

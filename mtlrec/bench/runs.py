@@ -21,6 +21,14 @@ from pathlib import Path
 from typing import Any
 
 
+def use_shared_data(repo: Path) -> None:
+    """Point ``MTLREC_DATA_DIR`` at ``repo/../shared/data`` unless it is set or that folder is
+    missing, as the Makefile and the tests do."""
+    shared = repo.parent / "shared" / "data"
+    if "MTLREC_DATA_DIR" not in os.environ and shared.is_dir():
+        os.environ["MTLREC_DATA_DIR"] = str(shared)
+
+
 def train_or_reuse(
     out: Path,
     command: Sequence[str],
