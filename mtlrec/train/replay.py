@@ -133,12 +133,10 @@ def replay_config(
 def replay_run(run_dir: str | Path, epochs: int = 1, work_dir: str | Path | None = None) -> Replay:
     """Replay the first ``epochs`` epochs of a finished run directory (its ``config.yaml``)
     and compare them with its ``history.json``."""
-    run = Path(run_dir)
-    if epochs < 1:
-        raise MTLRecError(f"epochs to replay must be >= 1, got {epochs}")
-    saved = epoch_figures(_read_json(run / "history.json"), epochs, run / "history.json")
-    config = cfg.load_yaml(run / "config.yaml")
-    return replay_config(config, saved, epochs, label=run, work_dir=work_dir)
+    saved = fingerprint(run_dir, epochs)
+    return replay_config(
+        saved["config"], saved["figures"], epochs, label=Path(run_dir), work_dir=work_dir
+    )
 
 
 def fingerprint(run_dir: str | Path, epochs: int = 1) -> dict[str, Any]:
