@@ -7,6 +7,7 @@ trained model and read back by ``evaluate``, ``export`` and ``serve`` without th
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -87,6 +88,15 @@ class Task:
             raise ConfigError(
                 f"task {self.name!r}: type {self.type!r} is not one of {', '.join(TASK_TYPES)}"
             )
+        # A negative or NaN weight would silently turn training into loss ascent or NaN.
+        try:
+            self.weight = float(self.weight)
+        except (TypeError, ValueError):
+            raise ConfigError(
+                f"task {self.name!r}: weight {self.weight!r} is not a number"
+            ) from None
+        if not math.isfinite(self.weight) or self.weight < 0:
+            raise ConfigError(f"task {self.name!r}: weight must be a finite number >= 0")
 
     @property
     def source(self) -> str:
@@ -107,10 +117,19 @@ class Schema:
         dup = {n for n in names if names.count(n) > 1}
         if dup:
             raise ConfigError(f"schema: duplicate feature/task name(s): {', '.join(sorted(dup))}")
+        labels = {t.source: t.name for t in self.tasks}
+        for f in self.features:
+            if f.source in labels:  # the label as an input: every metric would be a lie
+                raise ConfigError(
+                    f"feature {f.name!r} reads column {f.source!r}, the label of task "
+                    f"{labels[f.source]!r}"
+                )
         task_names = self.task_names
         for t in self.tasks:
             if t.depends_on is None:
                 continue
+            if t.depends_on == t.name:
+                raise ConfigError(f"task {t.name!r}: depends_on names the task itself")
             if t.depends_on not in task_names:
                 raise ConfigError(
                     f"task {t.name!r}: depends_on {t.depends_on!r} is not a task of the schema"
@@ -178,7 +197,12 @@ class Schema:
             _build(Task, item, f"{where}: tasks[{i}]")
             for i, item in enumerate(data.get("tasks") or [])
         ]
-        return cls(features=features, tasks=tasks)
+        try:
+            return cls(features=features, tasks=tasks)
+        except ConfigError as exc:
+            if where == "schema":
+                raise
+            raise ConfigError(f"{where}: {str(exc).removeprefix('schema: ')}") from None
 
     def save(self, path: str | Path) -> None:
         Path(path).write_text(json.dumps(self.to_dict(), indent=2))
@@ -217,3 +241,5 @@ def _build(kind: type, item: Any, where: str) -> Any:
         return kind(**item)
     except TypeError as exc:
         raise ConfigError(f"{where} ({item['name']}): {exc}") from exc
+    except ConfigError as exc:  # from __post_init__: it names the feature/task, add the place
+        raise ConfigError(f"{where}: {exc}") from None

@@ -44,11 +44,39 @@ def test_schema_yaml_file_is_read(tmp_path):
         ({"features": [{"name": "a"}], "tasks": []}, "at least one task"),
         ({"features": [{"name": "a"}], "tasks": [{"name": "a"}]}, "duplicate"),
         ({"features": [{"name": "a"}], "tasks": [{"name": "y"}], "extra": 1}, "extra"),
+        (
+            {"features": [{"name": "a"}, {"name": "f", "column": "y"}], "tasks": [{"name": "y"}]},
+            "feature 'f' reads column 'y', the label of task 'y'",
+        ),
+        (
+            {"features": [{"name": "a"}], "tasks": [{"name": "y", "column": "a"}]},
+            "feature 'a' reads column 'a'",
+        ),
+        ({"features": [{"name": "a"}], "tasks": [{"name": "y", "depends_on": "y"}]}, "itself"),
+        ({"features": [{"name": "a"}], "tasks": [{"name": "y", "weight": -1}]}, ">= 0"),
+        ({"features": [{"name": "a"}], "tasks": [{"name": "y", "weight": float("nan")}]}, "finite"),
+        ({"features": [{"name": "a"}], "tasks": [{"name": "y", "weight": "abc"}]}, "'abc'"),
     ],
 )
 def test_bad_schema_names_the_problem(data, needle):
     with pytest.raises(ConfigError, match=needle):
         Schema.from_dict(data)
+
+
+def test_schema_file_errors_name_the_file_and_entry(tmp_path):
+    path = tmp_path / "mine.yaml"
+    path.write_text("features:\n  - {name: a}\n  - {name: b, type: text}\ntasks:\n  - {name: y}\n")
+    with pytest.raises(ConfigError, match=r"mine.yaml: features\[1\]: feature 'b': type 'text'"):
+        Schema.load(path)
+    path.write_text("features:\n  - {name: a}\ntasks: []\n")
+    with pytest.raises(ConfigError, match=r"mine.yaml: at least one task"):
+        Schema.load(path)
+
+
+def test_task_weight_is_stored_as_a_float():
+    schema = Schema.from_dict({"features": [{"name": "a"}], "tasks": [{"name": "y", "weight": 0}]})
+    assert schema.tasks[0].weight == 0.0  # a monitored, unweighted task is allowed
+    assert Task("y", weight="2.5").weight == 2.5
 
 
 def test_missing_schema_file_is_a_clear_error(tmp_path):
