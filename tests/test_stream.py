@@ -14,6 +14,7 @@ from mtlrec.data.encoder import Encoder
 from mtlrec.data.readers import read_frame
 from mtlrec.data.source import BatchSource, InMemorySource
 from mtlrec.data.stream import ParquetStream, fit_encoder_stream
+from mtlrec.errors import DataError
 from mtlrec.schema import Schema
 
 SCHEMA = Schema.from_dict(
@@ -183,3 +184,25 @@ def test_in_memory_source_is_a_batch_source(funnel_tables):
     plain = list(train.batches(512, shuffle=True, generator=gen_b))
     assert len(ours) == len(plain) == source.num_batches(512)
     assert all(torch.equal(a.cat, b.cat) for a, b in zip(ours, plain))
+
+
+@pytest.mark.parametrize(
+    "column, value, needle",
+    [("click", 3, "label 3 is not 0 or 1"), ("price", "abc", "'abc' is not a number")],
+)
+def test_a_bad_row_is_named_by_its_row_in_the_file(tmp_path, small, column, value, needle):
+    """Row groups of 700 rows read 300 rows at a time: the error counts from the file's first row,
+    not from the row group or the record batch it was read in."""
+    enc = fit_encoder_stream(SCHEMA, small)
+    frame = read_frame(small).reset_index(drop=True)
+    frame[column] = frame[column].astype(object)
+    frame.loc[1234, column] = value  # row group 1, its 535th row; the 2nd batch of 300 there
+    path = tmp_path / "bad.parquet"
+    table = pa.Table.from_pandas(frame.astype({column: str}) if column == "price" else frame)
+    pq.write_table(table, path, row_group_size=700)
+    stream = ParquetStream(path, enc, read_rows=300, buffer_rows=512)
+    with pytest.raises(DataError, match=rf"bad.parquet: column '{column}' row 1234: {needle}"):
+        list(stream.epoch_batches(0, 256, torch.Generator().manual_seed(0)))
+    if column == "price":
+        with pytest.raises(DataError, match="bad.parquet: column 'price' row 1234"):
+            fit_encoder_stream(SCHEMA, path, read_rows=300)

@@ -111,9 +111,11 @@ class Encoder:
 
     # --- encoding --------------------------------------------------------------------------------
     def transform(
-        self, frame: pd.DataFrame, where: str = "data", labels: bool = True
+        self, frame: pd.DataFrame, where: str = "data", labels: bool = True, first_row: int = 0
     ) -> TensorTable:
-        """Encode a frame. With ``labels=False`` (serving) the label columns may be absent."""
+        """Encode a frame. With ``labels=False`` (serving) the label columns may be absent.
+        ``first_row``: the number of the frame's first row in ``where``, for error messages
+        about a chunk of a larger file."""
         self._check_fitted()
         needed = [f.source for f in self.schema.features]
         if labels:
@@ -124,7 +126,8 @@ class Encoder:
         embedded = self.schema.embedded_fields()
         offset_of = dict(zip([f.name for f in embedded], layout.field_offsets))
         numeric = {
-            f.name: _numeric(frame[f.source], where, f) for f in self.schema.features_of("numeric")
+            f.name: _numeric(frame[f.source], where, f, first_row)
+            for f in self.schema.features_of("numeric")
         }
 
         cat = np.zeros((n, layout.num_categorical), dtype=np.int64)
@@ -148,7 +151,11 @@ class Encoder:
             values = np.where(np.isfinite(values), values, st["mean"])
             num[:, j] = (values - st["mean"]) / st["std"]
 
-        label_arr = self._labels(frame, where) if labels else np.zeros((n, len(self.schema.tasks)))
+        label_arr = (
+            self._labels(frame, where, first_row)
+            if labels
+            else np.zeros((n, len(self.schema.tasks)))
+        )
         return TensorTable(
             cat=torch.from_numpy(cat),
             seq=torch.from_numpy(seq),
@@ -179,10 +186,10 @@ class Encoder:
             out[rows[keep], pos[keep]] = ids
         return out
 
-    def _labels(self, frame: pd.DataFrame, where: str) -> np.ndarray:
+    def _labels(self, frame: pd.DataFrame, where: str, first_row: int = 0) -> np.ndarray:
         out = np.zeros((len(frame), len(self.schema.tasks)), dtype=np.float64)
         for j, task in enumerate(self.schema.tasks):
-            values = _to_float(frame[task.source], where, task.source)
+            values = _to_float(frame[task.source], where, task.source, first_row)
             bad = ~np.isfinite(values)
             if task.type == "binary":
                 bad |= (values != 0) & (values != 1)
@@ -190,8 +197,8 @@ class Encoder:
                 row = int(np.flatnonzero(bad)[0])
                 kind = "0 or 1" if task.type == "binary" else "a finite number"
                 raise DataError(
-                    f"{where}: column {task.source!r} row {row}: label "
-                    f"{frame[task.source].iloc[row]!r} is not {kind} (task {task.name!r})"
+                    f"{where}: column {task.source!r} row {first_row + row}: label "
+                    f"{_cell(frame[task.source].iloc[row])} is not {kind} (task {task.name!r})"
                 )
             out[:, j] = values
         for j, up in enumerate(self.schema.upstream_index()):
@@ -202,8 +209,8 @@ class Encoder:
                 row = int(np.flatnonzero(violation)[0])
                 task = self.schema.tasks[j]
                 raise DataError(
-                    f"{where}: row {row}: task {task.name!r} is positive but the task it depends "
-                    f"on, {task.depends_on!r}, is 0"
+                    f"{where}: row {first_row + row}: task {task.name!r} is positive but the "
+                    f"task it depends on, {task.depends_on!r}, is 0"
                 )
         return out
 
@@ -258,8 +265,8 @@ def _tokens(column: pd.Series, feat: Feature, keep_position: bool = False) -> pd
     return pd.Series(parts.to_numpy(dtype=object), index=pd.MultiIndex.from_arrays([rows, pos]))
 
 
-def _numeric(column: pd.Series, where: str, feat: Feature) -> np.ndarray:
-    values = _to_float(column, where, feat.source)
+def _numeric(column: pd.Series, where: str, feat: Feature, first_row: int = 0) -> np.ndarray:
+    values = _to_float(column, where, feat.source, first_row)
     return np.sign(values) * np.log1p(np.abs(values)) if feat.log else values
 
 
@@ -269,7 +276,12 @@ def _bucket(values: np.ndarray, edges: list[float]) -> np.ndarray:
     return np.where(np.isfinite(values), ids, 0).astype(np.int64)
 
 
-def _to_float(column: pd.Series, where: str, name: str) -> np.ndarray:
+def _cell(value: Any) -> str:
+    """A cell as the user wrote it: '3' for text, 3 for a number (not np.int64(3))."""
+    return repr(value.item() if isinstance(value, np.generic) else value)
+
+
+def _to_float(column: pd.Series, where: str, name: str, first_row: int = 0) -> np.ndarray:
     """Numbers from a column; NA tokens become NaN, anything else non-numeric is an error."""
     if pd.api.types.is_numeric_dtype(column):
         return column.to_numpy(dtype=np.float64, na_value=np.nan)
@@ -278,5 +290,7 @@ def _to_float(column: pd.Series, where: str, name: str) -> np.ndarray:
     bad = np.isnan(values) & ~text.isin(NA_TOKENS).to_numpy() & column.notna().to_numpy()
     if bad.any():
         row = int(np.flatnonzero(bad)[0])
-        raise DataError(f"{where}: column {name!r} row {row}: {column.iloc[row]!r} is not a number")
+        raise DataError(
+            f"{where}: column {name!r} row {first_row + row}: {_cell(column.iloc[row])} is not a number"
+        )
     return values

@@ -71,7 +71,9 @@ class _Piece:
 
     fragment: Any  # pyarrow.dataset.ParquetFileFragment restricted to one row group
     rows: int
-    where: str
+    where: str  # "file (row group N)", for errors about the row group itself
+    file: str  # for errors about a row: its number is counted from the file's first row
+    first_row: int  # the row group's first row in its file
 
 
 class _Files:
@@ -102,13 +104,15 @@ class _Files:
             budget = math.inf if max_rows is None else int(max_rows)
             for fragment in dataset.get_fragments():
                 nullable_ints |= _ints_with_nulls(fragment, self.columns)
+                file_row = 0
                 for group in fragment.split_by_row_group():
                     info = group.row_groups[0]
                     take = int(min(info.num_rows, budget))
                     if take > 0:
                         where = f"{fragment.path} (row group {info.id})"
-                        pieces.append(_Piece(group, take, where))
+                        pieces.append(_Piece(group, take, where, fragment.path, file_row))
                     budget -= take
+                    file_row += info.num_rows
             self.schema = dataset.schema
         except DataError:
             raise
@@ -126,11 +130,13 @@ class _Files:
     def rows(self) -> int:
         return sum(p.rows for p in self.pieces)
 
-    def frames(self, piece: _Piece) -> Iterator[pd.DataFrame]:
-        """The piece's rows as pandas frames of at most ``read_rows`` rows."""
+    def frames(self, piece: _Piece) -> Iterator[tuple[int, pd.DataFrame]]:
+        """The piece's rows as pandas frames of at most ``read_rows`` rows, each with the number
+        of its first row in the file (for error messages)."""
         import pyarrow as pa
 
         left = piece.rows
+        first_row = piece.first_row
         try:
             batches = piece.fragment.to_batches(
                 columns=self.columns, batch_size=self.read_rows, use_threads=False
@@ -145,7 +151,8 @@ class _Files:
                     table = table.set_column(i, name, table.column(i).cast(pa.float64()))
                 frame = table.to_pandas()
                 frame.columns = [str(c).strip() for c in frame.columns]
-                yield frame
+                yield first_row, frame
+                first_row += len(frame)
         except Exception as exc:
             if type(exc).__module__.startswith("pyarrow"):
                 raise DataError(f"{piece.where}: cannot read Parquet ({_first_line(exc)})") from exc
@@ -252,8 +259,8 @@ class ParquetStream:
     def _encoded(self, pieces: list[int]) -> Iterator[list[np.ndarray]]:
         for i in pieces:
             piece = self.files.pieces[i]
-            for frame in self.files.frames(piece):
-                table = self.encoder.transform(frame, where=piece.where)
+            for first_row, frame in self.files.frames(piece):
+                table = self.encoder.transform(frame, where=piece.file, first_row=first_row)
                 yield [t.numpy() for t in (table.cat, table.seq, table.num, table.labels)]
 
     def _shuffled(
@@ -293,8 +300,10 @@ class ParquetStream:
             if not self.files.pieces:
                 raise DataError(f"{self.files.path}: no rows")
             piece = self.files.pieces[0]
-            frame = next(self.files.frames(piece)).head(1)
-            self._placeholder = self.encoder.transform(frame, where=piece.where)
+            first_row, frame = next(self.files.frames(piece))
+            self._placeholder = self.encoder.transform(
+                frame.head(1), where=piece.file, first_row=first_row
+            )
         return self._placeholder
 
 
@@ -378,12 +387,12 @@ def fit_encoder_stream(
             counts[feat.name] = []
     rows = 0
     for piece in files.pieces:
-        for frame in files.frames(piece):
+        for first_row, frame in files.frames(piece):
             rows += len(frame)
             for feat in schema.features:
                 column = frame[feat.source]
                 if feat.name in moments:
-                    values = _numeric(column, piece.where, feat)
+                    values = _numeric(column, piece.file, feat, first_row)
                     finite = values[np.isfinite(values)]
                     moments[feat.name].add(finite)
                     if feat.name in samples:
