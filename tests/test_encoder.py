@@ -68,6 +68,29 @@ def test_sequence_feature_is_padded_truncated_and_shares_the_table():
     assert table.seq[1].tolist() == [x, seq_offset, y]  # 'new' -> OOV, cut at 3
 
 
+def test_sequence_tokens_skip_empty_parts_and_missing_cells_with_any_separator():
+    """Empty parts (leading, trailing, doubled separators) and missing cells give no token; a
+    token's position counts only the tokens before it; a multi-character separator is literal."""
+    schema = Schema([Feature("s", "sequence", sep="::", max_len=4)], [Task("y")])
+    train = pd.DataFrame({"s": ["a::b::c", "d"], "y": [0, 1]})
+    enc = Encoder(schema).fit(train)
+    assert enc.state["s"]["vocab"] == ["a", "b", "c", "d"]
+    frame = pd.DataFrame(
+        {"s": ["::a::::b::", None, "", "c:d::é", "d::d::d::d::d", "a|b"], "y": [0] * 6}
+    )
+    off = enc.layout().field_offsets[0]
+    ids = {v: off + 1 + i for i, v in enumerate(["a", "b", "c", "d"])}
+    oov = off
+    assert enc.transform(frame).seq.tolist() == [
+        [ids["a"], ids["b"], 0, 0],
+        [0, 0, 0, 0],
+        [0, 0, 0, 0],
+        [oov, oov, 0, 0],  # 'c:d' and 'é' are unseen tokens
+        [ids["d"]] * 4,  # cut at max_len
+        [oov, 0, 0, 0],  # '|' is not this feature's separator
+    ]
+
+
 def test_round_trip_through_json_file_encodes_identically(tmp_path, funnel_schema):
     train, other = funnel_frame(500, seed=3), funnel_frame(200, seed=4)
     enc = Encoder(funnel_schema).fit(train)
