@@ -125,6 +125,35 @@ def evaluate(
 
 
 @app.command()
+def predict(
+    run_dir: Annotated[Path, typer.Argument(help="A run directory written by 'mtlrec train'")],
+    data: Annotated[str, typer.Option(help="CSV or Parquet file (or folder) to score")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Output .parquet, .pq or .csv")],
+    keep: Annotated[
+        list[str] | None,
+        typer.Option(help="Input column(s) to copy into the output, e.g. ids (repeatable, or a,b)"),
+    ] = None,
+    batch_size: Annotated[int | None, typer.Option(help="Rows per forward pass")] = None,
+) -> None:
+    """Score every row of a file: per-task predictions (pred_<task>, pred_<task>_joint)."""
+    from mtlrec.train.predict_file import predict_file
+
+    columns = [c.strip() for item in keep or [] for c in item.split(",") if c.strip()]
+    try:
+        summary = predict_file(
+            run_dir, data, out, keep=columns, batch_size=batch_size, progress=True
+        )
+    except MTLRecError as exc:
+        _fail(exc)
+    rate = summary.rows / max(summary.seconds, 1e-9)
+    console.print(
+        f"wrote {summary.rows:,} rows x {len(summary.columns)} columns to {summary.out} "
+        f"({rate:,.0f} rows/s): {', '.join(summary.columns)}",
+        highlight=False,
+    )
+
+
+@app.command()
 def compare(
     run_dirs: Annotated[list[Path], typer.Argument(help="Run directories to compare")],
     split: Annotated[str, typer.Option(help="valid or test")] = "test",

@@ -159,6 +159,22 @@ class _Files:
             raise
 
 
+def parquet_chunks(
+    path: str | Path, columns: list[str], read_rows: int = READ_ROWS
+) -> tuple[int, Iterator[tuple[str, int, pd.DataFrame]]]:
+    """The rows of a Parquet file or folder in file order, ``read_rows`` at a time, read like
+    :func:`mtlrec.data.readers.read_frame` reads them: (row count, iterator of (file, number of
+    the chunk's first row in that file, frame)). Only the metadata is read before iterating."""
+    files = _Files(path, columns, None, read_rows)
+
+    def chunks() -> Iterator[tuple[str, int, pd.DataFrame]]:
+        for piece in files.pieces:
+            for first_row, frame in files.frames(piece):
+                yield piece.file, first_row, frame
+
+    return files.rows, chunks()
+
+
 def _ints_with_nulls(fragment: Any, columns: list[str]) -> set[str]:
     import pyarrow.types as pat
 

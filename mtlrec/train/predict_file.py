@@ -1,0 +1,211 @@
+"""Batch scoring: a finished run's per-task predictions for every row of a CSV or Parquet file.
+
+The offline counterpart of ``mtlrec serve``: the run's saved encoder and best weights, no labels
+needed (label columns in the file are ignored unless kept), values never seen in training go to
+the out-of-vocabulary buckets. Output columns, in input row order:
+
+- the ``keep`` columns, copied unchanged (ids to join the scores back on);
+- ``pred_<task>`` per task: the probability for a binary task (for a task with ``depends_on``,
+  conditional on its upstream task: pCVR), the predicted value for a regression task;
+- ``pred_<task>_joint`` per task with ``depends_on``: the entire-space probability (pCTCVR).
+
+A Parquet file or folder is read and written a record batch at a time, so memory stays bounded
+whatever the file size; a CSV file is read whole. The output appears only when complete (written
+under a temporary name, then renamed): a failed run never leaves a truncated file behind.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from mtlrec.data.encoder import Encoder
+from mtlrec.data.readers import read_frame
+from mtlrec.data.stream import READ_ROWS, is_parquet, parquet_chunks
+from mtlrec.errors import ConfigError
+from mtlrec.models import MTLModel
+from mtlrec.schema import Schema
+from mtlrec.train.trainer import predict
+
+OUTPUT_SUFFIXES = (".parquet", ".pq", ".csv")
+
+
+@dataclass(frozen=True)
+class PredictSummary:
+    out: Path
+    rows: int
+    columns: list[str]
+    seconds: float
+
+
+def prediction_columns(schema: Schema) -> list[tuple[str, int, bool]]:
+    """(output column, task index, joint?) for every prediction column, in output order."""
+    out: list[tuple[str, int, bool]] = []
+    for t, task in enumerate(schema.tasks):
+        out.append((f"pred_{task.name}", t, False))
+        if task.depends_on:
+            out.append((f"pred_{task.name}_joint", t, True))
+    return out
+
+
+def predict_frame(
+    model: MTLModel,
+    encoder: Encoder,
+    frame: pd.DataFrame,
+    *,
+    batch_size: int = 16384,
+    where: str = "data",
+    first_row: int = 0,
+) -> pd.DataFrame:
+    """The prediction columns for the rows of ``frame`` (its index is kept)."""
+    table = encoder.transform(frame, where=where, labels=False, first_row=first_row)
+    cond, joint = predict(model, table, batch_size)
+    cond, joint = cond.numpy(), joint.numpy()
+    return pd.DataFrame(
+        {
+            name: (joint if is_joint else cond)[:, t]
+            for name, t, is_joint in prediction_columns(encoder.schema)
+        },
+        index=frame.index,
+    )
+
+
+def predict_file(
+    run_dir: str | Path,
+    data: str | Path,
+    out: str | Path,
+    *,
+    keep: Sequence[str] = (),
+    batch_size: int | None = None,
+    read_rows: int = READ_ROWS,
+    progress: bool = False,
+) -> PredictSummary:
+    """Score every row of ``data`` with the run in ``run_dir`` and write ``out`` (.parquet, .pq
+    or .csv). ``keep``: input columns to copy into the output."""
+    from mtlrec.train.run import load_run
+
+    out = Path(out)
+    if not out.name.lower().endswith(OUTPUT_SUFFIXES):
+        raise ConfigError(f"{out}: the output must end in {', '.join(OUTPUT_SUFFIXES)}")
+    config, encoder, model = load_run(run_dir)
+    batch = int(batch_size or config["train"].get("eval_batch_size", 16384))
+    keep = list(dict.fromkeys(keep))
+    names = [name for name, _, _ in prediction_columns(encoder.schema)]
+    clash = sorted(set(keep) & set(names))
+    if clash:
+        raise ConfigError(f"--keep {', '.join(clash)}: the name of a prediction column")
+    columns = list(dict.fromkeys([f.source for f in encoder.schema.features] + keep))
+    total, chunks = _read_chunks(data, columns, read_rows)
+    start = time.perf_counter()
+    rows = 0
+    writer = _AtomicWriter(out)
+    try:
+        with _bar(progress, total) as advance:
+            for where, first_row, frame in chunks:
+                preds = predict_frame(
+                    model, encoder, frame, batch_size=batch, where=where, first_row=first_row
+                )
+                writer.write(pd.concat([frame[keep], preds], axis=1).reset_index(drop=True))
+                rows += len(frame)
+                advance(len(frame))
+        if rows == 0:  # still a valid, empty file with the right columns
+            empty = {c: pd.Series(dtype=object) for c in keep}
+            empty.update({c: pd.Series(dtype=np.float32) for c in names})
+            writer.write(pd.DataFrame(empty))
+        writer.commit()
+    except BaseException:
+        writer.abort()
+        raise
+    return PredictSummary(out, rows, keep + names, time.perf_counter() - start)
+
+
+def _read_chunks(
+    data: str | Path, columns: list[str], read_rows: int
+) -> tuple[int, Iterator[tuple[str, int, pd.DataFrame]]]:
+    if is_parquet(data):
+        return parquet_chunks(data, columns, read_rows)
+    frame = read_frame(data, columns=columns)
+    return len(frame), iter([(str(data), 0, frame)])
+
+
+class _AtomicWriter:
+    """Appends frames to ``<out>.partial`` beside ``out``; ``commit`` renames it into place."""
+
+    def __init__(self, out: Path) -> None:
+        self.out = out
+        self.partial = out.with_name(out.name + ".partial")
+        self.parquet = not out.name.lower().endswith(".csv")
+        self._parquet_writer = None
+        self._started = False
+        out.parent.mkdir(parents=True, exist_ok=True)
+
+    def write(self, frame: pd.DataFrame) -> None:
+        if self.parquet:
+            import pyarrow as pa
+            import pyarrow.parquet as pq
+
+            table = pa.Table.from_pandas(frame, preserve_index=False)
+            if self._parquet_writer is None:
+                self._parquet_writer = pq.ParquetWriter(self.partial, table.schema)
+            else:  # a column that is all-null in one chunk reads as type null: cast to the first
+                table = table.cast(self._parquet_writer.schema)
+            self._parquet_writer.write_table(table)
+        else:
+            frame.to_csv(
+                self.partial,
+                mode="a" if self._started else "w",
+                index=False,
+                header=not self._started,
+            )
+        self._started = True
+
+    def commit(self) -> None:
+        self._close()
+        os.replace(self.partial, self.out)
+
+    def abort(self) -> None:
+        self._close()
+        self.partial.unlink(missing_ok=True)
+
+    def _close(self) -> None:
+        if self._parquet_writer is not None:
+            self._parquet_writer.close()
+            self._parquet_writer = None
+
+
+class _bar:
+    """A rich progress bar over rows on a terminal; a no-op otherwise."""
+
+    def __init__(self, enabled: bool, total: int) -> None:
+        self.enabled = enabled and sys.stderr.isatty()
+        self.total = total
+        self._progress = None
+
+    def __enter__(self):
+        if not self.enabled:
+            return lambda n: None
+        from rich.console import Console
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
+
+        self._progress = Progress(
+            "scoring",
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeRemainingColumn(),
+            console=Console(stderr=True),
+            transient=True,
+        )
+        self._progress.start()
+        task = self._progress.add_task("rows", total=self.total)
+        return lambda n: self._progress.advance(task, n)
+
+    def __exit__(self, *exc) -> None:
+        if self._progress is not None:
+            self._progress.stop()

@@ -1,0 +1,125 @@
+"""Batch scoring of a file with a finished run (`mtlrec predict`)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from sklearn.metrics import roc_auc_score
+from typer.testing import CliRunner
+
+from mtlrec.cli import app
+from mtlrec.errors import ConfigError, DataError
+from mtlrec.train.predict_file import predict_file
+from tests.conftest import funnel_frame
+
+runner = CliRunner()
+PRED = ["pred_click", "pred_purchase", "pred_purchase_joint"]
+
+
+@pytest.fixture(scope="module")
+def test_csv(finished_run):
+    return finished_run.parent / "data" / "test.csv"
+
+
+def test_scores_reproduce_the_runs_test_metrics(finished_run, test_csv, tmp_path):
+    out = tmp_path / "scores.parquet"
+    summary = predict_file(finished_run, test_csv, out, keep=["user", "click", "purchase"])
+    scores = pd.read_parquet(out)
+    assert summary.rows == len(scores) == 300
+    assert list(scores.columns) == ["user", "click", "purchase", *PRED]
+    metrics = json.loads((finished_run / "metrics.json").read_text())["test"]
+    click = scores["click"].astype(int)
+    assert roc_auc_score(click, scores["pred_click"]) == pytest.approx(
+        metrics["click"]["auc"], abs=1e-9
+    )
+    clicked = click == 1  # the CVR AUC is over clicked rows, the joint over all rows
+    buy = scores["purchase"].astype(int)
+    assert roc_auc_score(buy[clicked], scores["pred_purchase"][clicked]) == pytest.approx(
+        metrics["purchase"]["auc"], abs=1e-9
+    )
+    assert roc_auc_score(buy, scores["pred_purchase_joint"]) == pytest.approx(
+        metrics["purchase"]["joint_auc"], abs=1e-9
+    )
+    # MMoE's pCTCVR is the chain product pCTR x pCVR
+    np.testing.assert_allclose(
+        scores["pred_purchase_joint"], scores["pred_click"] * scores["pred_purchase"], rtol=1e-6
+    )
+    assert scores["user"].tolist() == pd.read_csv(test_csv)["user"].tolist()  # row order kept
+
+
+def test_streamed_parquet_without_labels_scores_like_the_csv(finished_run, test_csv, tmp_path):
+    frame = pd.read_csv(test_csv, dtype=str, keep_default_na=False)
+    unlabeled = frame.drop(columns=["click", "purchase", "score"])
+    src = tmp_path / "unlabeled.parquet"
+    pq.write_table(pa.Table.from_pandas(unlabeled), src, row_group_size=70)
+    out = tmp_path / "scores.csv"
+    predict_file(finished_run, src, out, keep=["item"], read_rows=25)
+    streamed = pd.read_csv(out)
+    whole = pd.read_parquet(predict_file(finished_run, test_csv, tmp_path / "w.pq").out)
+    assert list(streamed.columns) == ["item", *PRED]
+    assert streamed["item"].tolist() == frame["item"].tolist()
+    np.testing.assert_allclose(streamed[PRED].to_numpy(), whole[PRED].to_numpy(), rtol=1e-6)
+
+
+def test_unseen_values_are_scored_not_rejected(finished_run, tmp_path):
+    frame = funnel_frame(50, 9)
+    frame["user"] = "never-seen"
+    frame["tags"] = "new1|new2"
+    src = tmp_path / "new.csv"
+    frame.to_csv(src, index=False)
+    scores = pd.read_parquet(predict_file(finished_run, src, tmp_path / "s.parquet").out)
+    assert len(scores) == 50 and scores[PRED].notna().all().all()
+    assert ((scores[PRED] > 0) & (scores[PRED] < 1)).all().all()
+
+
+def test_a_bad_row_names_its_row_and_leaves_no_output(finished_run, test_csv, tmp_path):
+    frame = pd.read_csv(test_csv, dtype=str, keep_default_na=False)
+    frame.loc[213, "price"] = "cheap"
+    src = tmp_path / "bad.parquet"
+    pq.write_table(pa.Table.from_pandas(frame), src, row_group_size=100)
+    out = tmp_path / "scores.parquet"
+    out.write_text("an earlier result")
+    with pytest.raises(DataError, match=r"bad.parquet: column 'price' row 213: 'cheap'"):
+        predict_file(finished_run, src, out, read_rows=40)
+    assert out.read_text() == "an earlier result"  # not clobbered by a half-written file
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.parquet", "scores.parquet"]
+
+
+def test_empty_input_gives_an_empty_file_with_the_columns(finished_run, test_csv, tmp_path):
+    src = tmp_path / "empty.csv"
+    pd.read_csv(test_csv).head(0).to_csv(src, index=False)
+    summary = predict_file(finished_run, src, tmp_path / "e.parquet", keep=["user"])
+    scores = pd.read_parquet(summary.out)
+    assert summary.rows == 0 and list(scores.columns) == ["user", *PRED] and scores.empty
+
+
+@pytest.mark.parametrize(
+    "keep, out, error, needle",
+    [
+        (["pred_click"], "s.parquet", ConfigError, "name of a prediction column"),
+        (["nope"], "s.parquet", DataError, "missing column.*'nope'"),
+        ([], "s.json", ConfigError, r"s.json: the output must end in \.parquet"),
+    ],
+)
+def test_bad_requests_are_named(finished_run, test_csv, tmp_path, keep, out, error, needle):
+    with pytest.raises(error, match=needle):
+        predict_file(finished_run, test_csv, tmp_path / out, keep=keep)
+    assert not (tmp_path / out).exists()
+
+
+def test_cli_predict(finished_run, test_csv, tmp_path):
+    out = tmp_path / "cli.csv"
+    args = ["predict", str(finished_run), "--data", str(test_csv), "--out", str(out)]
+    result = runner.invoke(app, [*args, "--keep", "user,item", "--keep", "click"])
+    assert result.exit_code == 0, result.output
+    assert "wrote 300 rows x 6 columns" in result.output
+    assert list(pd.read_csv(out).columns) == ["user", "item", "click", *PRED]
+    result = runner.invoke(app, [*args, "--keep", "nope"])
+    assert result.exit_code == 2 and "missing column(s) 'nope'" in result.output
+    result = runner.invoke(app, ["predict", str(tmp_path), "--data", str(test_csv), "-o", "x.csv"])
+    assert result.exit_code == 2 and "not a finished run directory" in result.output
