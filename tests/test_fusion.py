@@ -41,6 +41,27 @@ def test_defaults_are_a_weighted_product_with_unit_weights(schema):
     assert f.formula() == "click ** 1 * purchase ** 1 * like ** 1"
 
 
+def test_a_regression_task_is_left_out_of_the_default_fusion():
+    """A regression value (here a dwell time that can be predicted negative) is no probability:
+    by default it gets weight 0; a weight set in the fusion file brings it in."""
+    schema = Schema.from_dict(
+        {
+            "features": [{"name": "user"}],
+            "tasks": [{"name": "click"}, {"name": "dwell", "type": "regression"}],
+        }
+    )
+    values = np.array([[0.5, -3.0], [0.2, 40.0]])
+    f = Fusion(load_serve_config(None, schema), schema.task_names)
+    np.testing.assert_allclose(f(values), [0.5, 0.2], rtol=1e-12)
+    assert f.formula() == "click ** 1 * dwell ** 0"
+    assert f.weights({"dwell": 1.0}).tolist() == [1.0, 1.0]  # a request may still bring it in
+    g = Fusion(
+        serve_config({"kind": "weighted_sum", "weights": {"dwell": 0.01}}, schema),
+        ["click", "dwell"],
+    )
+    np.testing.assert_allclose(g(values), [0.5 - 0.03, 0.2 + 0.4], rtol=1e-12)
+
+
 def test_weighted_sum_by_hand(schema):
     f = fusion(schema, kind="weighted_sum", weights={"click": 2.0, "purchase": 0.5, "like": -1})
     np.testing.assert_allclose(f(P), [1.0 + 0.1 - 0.1, 0.2 + 0.45 - 0.4, 0.0 + 0.5 - 0.5])

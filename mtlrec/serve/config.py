@@ -13,7 +13,9 @@ business formulas; the run stays the same, the fusion file changes. Example::
       required_fields: [user]       # fields every candidate must carry (default: none)
 
 or, with ``kind: expression``, ``expression: "click * purchase ** 0.5 + 0.1 * like"``.
-Every key is optional; the defaults are a weighted product with weight 1 for every task.
+Every key is optional; the defaults are a weighted product with weight 1 for every binary task
+and 0 for every regression task (its value is on its own scale, seconds or stars, and may be
+negative: a product with it would mean nothing until the user chooses its weight).
 """
 
 from __future__ import annotations
@@ -151,7 +153,7 @@ def serve_config(section: dict[str, Any], schema: Schema, where: str = "serve") 
     weights = _task_mapping(section.get("weights"), "weights", tasks, where)
     bounds = _task_mapping(section.get("weight_bounds"), "weight_bounds", tasks, where)
     for task in tasks:
-        w = _finite(weights.get(task, 1.0), f"serve.weights.{task}", where)
+        w = _finite(weights.get(task, default_weight(schema, task)), f"serve.weights.{task}", where)
         if task in bounds:
             lo, hi = _bounds(bounds[task], task, where)
         else:  # the defaults, widened to take in a weight the file sets outside them
@@ -163,6 +165,11 @@ def serve_config(section: dict[str, Any], schema: Schema, where: str = "serve") 
         cfg.weights[task] = w
         cfg.weight_bounds[task] = (lo, hi)
     return cfg
+
+
+def default_weight(schema: Schema, task: str) -> float:
+    """1 for a probability, 0 for a regression value (see the module docstring)."""
+    return 1.0 if schema.task(task).type == "binary" else 0.0
 
 
 def _positive_int(section: dict[str, Any], key: str, default: int, where: str) -> int:
