@@ -73,11 +73,16 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if self.monitor not in ("auc", "loss"):
             raise ConfigError(f"train.monitor: {self.monitor!r} is not 'auc' or 'loss'")
-        for key in ("epochs", "batch_size", "eval_batch_size"):
+        for key in ("epochs", "batch_size", "eval_batch_size", "diagnose_every"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"train.{key} must be >= 1")
-        if self.lr <= 0:
-            raise ConfigError("train.lr must be > 0")
+        for key in ("patience", "checkpoint_every", "threads"):
+            if getattr(self, key) < 0:
+                raise ConfigError(f"train.{key} must be >= 0")
+        if not self.lr > 0:  # also NaN
+            raise ConfigError(f"train.lr must be > 0 (got {self.lr})")
+        if not self.weight_decay >= 0:  # also NaN
+            raise ConfigError(f"train.weight_decay must be >= 0 (got {self.weight_decay})")
         self.torch_device()  # fail early on a bad or unavailable device
         if not 0 < self.lr_decay <= 1:
             raise ConfigError("train.lr_decay must be in (0, 1]")

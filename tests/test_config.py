@@ -63,3 +63,19 @@ def test_device_is_checked_early():
     if not torch.cuda.is_available():
         with pytest.raises(ConfigError, match="CUDA is not available"):
             cfg.TrainConfig(device="cuda")
+
+
+@pytest.mark.parametrize(
+    "key, value, needle",
+    [
+        ("lr", float("nan"), r"train.lr must be > 0 \(got nan\)"),
+        ("weight_decay", -0.1, "train.weight_decay must be >= 0"),
+        ("patience", -1, "train.patience must be >= 0"),
+        ("checkpoint_every", -5, "train.checkpoint_every must be >= 0"),
+        ("threads", -1, "train.threads must be >= 0"),
+        ("diagnose_every", 0, "train.diagnose_every must be >= 1"),
+    ],
+)
+def test_train_values_out_of_range_are_named(key, value, needle):
+    with pytest.raises(ConfigError, match=needle):
+        cfg.train_config({key: value})

@@ -31,6 +31,30 @@ def test_unknown_model_and_option_are_named(funnel_tables):
         build_model("mmoe", enc.schema, enc.layout(), {"num_expert": 3})
 
 
+@pytest.mark.parametrize(
+    "name, options, needle",
+    [
+        ("mmoe", {"embed_dim": 0}, "model.embed_dim must be >= 1"),
+        ("ple", {"dropout": 1.0}, r"model.dropout must be in \[0, 1\)"),
+        ("mmoe", {"expert_hidden": []}, "model.expert_hidden: experts need at least one"),
+        ("mfh", {"root_hidden": []}, "model.root_hidden: experts need at least one"),
+        ("shared-bottom", {"tower_hidden": [8, 0]}, r"model.tower_hidden: layer widths .*\[8, 0\]"),
+        ("cgc", {"expert_hidden": ["wide"]}, "model.expert_hidden: expected a list of integers"),
+        ("mmoe", {"num_experts": 2.5}, "model.num_experts: expected int, got 2.5"),
+    ],
+)
+def test_option_values_out_of_range_are_named(funnel_tables, name, options, needle):
+    enc, _, _ = funnel_tables
+    with pytest.raises(ConfigError, match=needle):
+        build_model(name, enc.schema, enc.layout(), options)
+
+
+def test_whole_floats_and_empty_towers_are_accepted(funnel_tables):
+    enc, _, _ = funnel_tables
+    model = build_model("mmoe", enc.schema, enc.layout(), {"num_experts": 4.0, "tower_hidden": []})
+    assert model.config.num_experts == 4 and isinstance(model.config.num_experts, int)
+
+
 def _train(model: MTLModel, table, steps: int, lr: float = 0.01, balancer: str = "ew"):
     torch.manual_seed(0)
     bal = build_balancer(balancer, model)

@@ -175,14 +175,14 @@ def build_config(kind: type[ModelConfig], values: dict[str, Any], model: str) ->
     for key, value in values.items():
         default = allowed[key].default
         if isinstance(default, tuple) and isinstance(value, list | tuple):
+            if not all(_is_whole(v) for v in value):
+                raise ConfigError(
+                    f"model.{key}: expected a list of integers, got {list(value)} for model {model!r}"
+                )
             value = tuple(int(v) for v in value)
         elif isinstance(default, bool):
             value = bool(value)
-        elif (
-            isinstance(default, int)
-            and not isinstance(value, bool)
-            and isinstance(value, int | float)
-        ):
+        elif isinstance(default, int) and not isinstance(value, bool) and _is_whole(value):
             value = int(value)
         elif isinstance(default, float) and isinstance(value, int | float):
             value = float(value)
@@ -191,4 +191,34 @@ def build_config(kind: type[ModelConfig], values: dict[str, Any], model: str) ->
                 f"model.{key}: expected {type(default).__name__}, got {value!r} for model {model!r}"
             )
         converted[key] = value
-    return kind(**converted)
+    config = kind(**converted)
+    _check_common(config, model)
+    return config
+
+
+EXPERT_LAYERS = ("expert_hidden", "root_hidden")  # the layers of an Experts block: not empty
+
+
+def _is_whole(value: Any) -> bool:
+    """An int, or a float with no fractional part (YAML reads ``16.0``); never a bool."""
+    if isinstance(value, bool):
+        return False
+    return isinstance(value, int) or (isinstance(value, float) and value.is_integer())
+
+
+def _check_common(config: ModelConfig, model: str) -> None:
+    """Ranges every model shares: an embedding width, a dropout rate, layer widths."""
+    from dataclasses import fields
+
+    if config.embed_dim < 1:
+        raise ConfigError(f"model.embed_dim must be >= 1 (got {config.embed_dim}) for {model!r}")
+    if not 0 <= config.dropout < 1:
+        raise ConfigError(f"model.dropout must be in [0, 1) (got {config.dropout}) for {model!r}")
+    for f in fields(config):
+        value = getattr(config, f.name)
+        if f.name in EXPERT_LAYERS and not value:
+            raise ConfigError(f"model.{f.name}: experts need at least one hidden layer")
+        if f.name.endswith("hidden") and isinstance(value, tuple) and any(w < 1 for w in value):
+            raise ConfigError(
+                f"model.{f.name}: layer widths must be >= 1 (got {list(value)}) for {model!r}"
+            )

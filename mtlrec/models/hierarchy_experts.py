@@ -35,7 +35,9 @@ class NormExperts(nn.Module):
     def __init__(self, num_experts: int, in_dim: int, hidden: Sequence[int]) -> None:
         super().__init__()
         if not hidden:
-            raise ValueError("experts need at least one hidden layer")
+            raise ConfigError(
+                "experts need at least one hidden layer: a model.*_hidden list of experts is empty"
+            )
         self.num_experts = num_experts
         self.weights = nn.ParameterList()
         self.biases = nn.ParameterList()

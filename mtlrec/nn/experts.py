@@ -13,6 +13,8 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from mtlrec.errors import ConfigError
+
 
 class Experts(nn.Module):
     """E parallel MLPs with ReLU: ``[B, in] -> [B, E, out]`` (or ``[E, B, in]`` per-expert input)."""
@@ -22,7 +24,9 @@ class Experts(nn.Module):
     ) -> None:
         super().__init__()
         if not hidden:
-            raise ValueError("experts need at least one hidden layer")
+            raise ConfigError(
+                "experts need at least one hidden layer: a model.*_hidden list of experts is empty"
+            )
         self.num_experts = num_experts
         self.weights = nn.ParameterList()
         self.biases = nn.ParameterList()
