@@ -126,7 +126,9 @@ def evaluate(
 
 @app.command()
 def predict(
-    run_dir: Annotated[Path, typer.Argument(help="A run directory written by 'mtlrec train'")],
+    run_dir: Annotated[
+        Path, typer.Argument(help="A run directory, or an export folder ('mtlrec export')")
+    ],
     data: Annotated[str, typer.Option(help="CSV or Parquet file (or folder) to score")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Output .parquet, .pq or .csv")],
     keep: Annotated[

@@ -123,3 +123,18 @@ def test_cli_predict(finished_run, test_csv, tmp_path):
     assert result.exit_code == 2 and "missing column(s) 'nope'" in result.output
     result = runner.invoke(app, ["predict", str(tmp_path), "--data", str(test_csv), "-o", "x.csv"])
     assert result.exit_code == 2 and "not a finished run directory" in result.output
+
+
+@pytest.mark.parametrize("fmt", ["torchscript", "onnx"])
+def test_an_export_folder_scores_like_its_run(finished_run, test_csv, tmp_path, fmt):
+    """The artifact that ships is the one scored: its graph, read by the export's loader."""
+    pytest.importorskip("onnxruntime")
+    from mtlrec.serve.export import export_run
+
+    folder = export_run(finished_run, fmt, tmp_path / fmt)
+    exported = pd.read_parquet(predict_file(folder, test_csv, tmp_path / "e.parquet").out)
+    eager = pd.read_parquet(predict_file(finished_run, test_csv, tmp_path / "r.parquet").out)
+    assert list(exported.columns) == PRED
+    np.testing.assert_allclose(exported.to_numpy(), eager.to_numpy(), rtol=1e-5, atol=1e-6)
+    small = predict_file(folder, test_csv, tmp_path / "b.parquet", batch_size=64).out
+    np.testing.assert_allclose(pd.read_parquet(small).to_numpy(), exported.to_numpy(), rtol=1e-6)

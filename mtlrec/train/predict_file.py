@@ -1,6 +1,7 @@
 """Batch scoring: a finished run's per-task predictions for every row of a CSV or Parquet file.
 
-The offline counterpart of ``mtlrec serve``: the run's saved encoder and best weights, no labels
+The offline counterpart of ``mtlrec serve``: the run's saved encoder and best weights (or an
+export folder's TorchScript / ONNX graph: the artifact that ships is the one scored), no labels
 needed (label columns in the file are ignored unless kept), values never seen in training go to
 the out-of-vocabulary buckets. Output columns, in input row order:
 
@@ -19,7 +20,7 @@ from __future__ import annotations
 import os
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,6 +30,7 @@ import pandas as pd
 from mtlrec.data.encoder import Encoder
 from mtlrec.data.readers import read_frame
 from mtlrec.data.stream import READ_ROWS, is_parquet, parquet_chunks
+from mtlrec.data.table import TensorTable
 from mtlrec.errors import ConfigError
 from mtlrec.models import MTLModel
 from mtlrec.schema import Schema
@@ -55,8 +57,11 @@ def prediction_columns(schema: Schema) -> list[tuple[str, int, bool]]:
     return out
 
 
+Score = Callable[[TensorTable], tuple[np.ndarray, np.ndarray]]  # encoded rows -> (cond, joint)
+
+
 def predict_frame(
-    model: MTLModel,
+    model: MTLModel | Score,
     encoder: Encoder,
     frame: pd.DataFrame,
     *,
@@ -64,10 +69,16 @@ def predict_frame(
     where: str = "data",
     first_row: int = 0,
 ) -> pd.DataFrame:
-    """The prediction columns for the rows of ``frame`` (its index is kept)."""
+    """The prediction columns for the rows of ``frame`` (its index is kept). ``model``: a model,
+    or a function of an encoded batch such as an export's ``load_predictor(...).predict``."""
     table = encoder.transform(frame, where=where, labels=False, first_row=first_row)
-    cond, joint = predict(model, table, batch_size)
-    cond, joint = cond.numpy(), joint.numpy()
+    if isinstance(model, MTLModel):
+        cond, joint = (t.numpy() for t in predict(model, table, batch_size))
+    else:
+        parts = [model(table.slice(lo, lo + batch_size)) for lo in range(0, len(table), batch_size)]
+        empty = np.zeros((0, len(encoder.schema.tasks)), np.float32)
+        cond = np.concatenate([c for c, _ in parts]) if parts else empty
+        joint = np.concatenate([j for _, j in parts]) if parts else empty
     return pd.DataFrame(
         {
             name: (joint if is_joint else cond)[:, t]
@@ -87,15 +98,13 @@ def predict_file(
     read_rows: int = READ_ROWS,
     progress: bool = False,
 ) -> PredictSummary:
-    """Score every row of ``data`` with the run in ``run_dir`` and write ``out`` (.parquet, .pq
-    or .csv). ``keep``: input columns to copy into the output."""
-    from mtlrec.train.run import load_run
-
+    """Score every row of ``data`` with the run (or export folder) in ``run_dir`` and write
+    ``out`` (.parquet, .pq or .csv). ``keep``: input columns to copy into the output."""
     out = Path(out)
     if not out.name.lower().endswith(OUTPUT_SUFFIXES):
         raise ConfigError(f"{out}: the output must end in {', '.join(OUTPUT_SUFFIXES)}")
-    config, encoder, model = load_run(run_dir)
-    batch = int(batch_size or config["train"].get("eval_batch_size", 16384))
+    encoder, model, default_batch = _load(Path(run_dir))
+    batch = int(batch_size or default_batch)
     keep = list(dict.fromkeys(keep))
     names = [name for name, _, _ in prediction_columns(encoder.schema)]
     clash = sorted(set(keep) & set(names))
@@ -124,6 +133,20 @@ def predict_file(
         writer.abort()
         raise
     return PredictSummary(out, rows, keep + names, time.perf_counter() - start)
+
+
+def _load(path: Path) -> tuple[Encoder, MTLModel | Score, int]:
+    """A run directory's model, or an export folder's graph (its loader is imported only then:
+    the serving code stays out of the core package otherwise)."""
+    from mtlrec.train.run import load_run
+
+    if (path / "metadata.json").exists():
+        from mtlrec.serve.predictor import load_predictor
+
+        predictor = load_predictor(path)
+        return predictor.encoder, predictor.predict, 16384
+    config, encoder, model = load_run(path)
+    return encoder, model, int(config["train"].get("eval_batch_size", 16384))
 
 
 def _read_chunks(
