@@ -154,3 +154,29 @@ def test_bf16_precision_runs_the_forward_in_bfloat16_and_learns_like_fp32(funnel
 def test_unknown_precision_is_a_config_error():
     with pytest.raises(cfg.ConfigError, match="train.precision: 'fp16'"):
         TrainConfig(precision="fp16")
+
+
+def test_a_validation_task_with_one_class_is_warned_about(tmp_path):
+    """No purchase among the clicked validation rows: the purchase AUC is undefined, and the run
+    says so before training instead of selecting on the click AUC alone without a word."""
+    valid = funnel_frame(400, seed=2)
+    valid["purchase"] = 0
+    frames = {"train": funnel_frame(1200, seed=1), "valid": valid}
+    config = cfg.resolve(
+        {
+            "dataset": files_dataset(tmp_path / "data", frames, FUNNEL_SCHEMA),
+            "model": {"name": "shared-bottom", "embed_dim": 4},
+            "train": {"progress": False, "epochs": 1},
+        }
+    )
+    lines: list[str] = []
+    metrics = train_run(config, tmp_path / "run", echo=lines.append)
+    warned = [line for line in lines if line.startswith("warning:")]
+    clicked = int(valid["click"].sum())
+    assert warned == [
+        f"warning: {tmp_path / 'data' / 'valid.csv'}: task 'purchase' has all 0 on its "
+        f"{clicked:,} observed rows; its AUC is undefined there and early stopping on AUC "
+        "leaves it out"
+    ]
+    assert metrics["valid"]["purchase"]["auc"] is None
+    assert metrics["valid"]["click"]["auc"] is not None

@@ -56,6 +56,29 @@ def task_metrics(
     return out
 
 
+def undefined_auc_warnings(schema: Schema, labels: torch.Tensor, where: str) -> list[str]:
+    """One line per binary task whose AUC cannot be computed on this split (one class among its
+    observed rows): early stopping then silently leaves that task out, which the user should
+    know before a long run, not from a column of nulls after it."""
+    y = labels.detach().cpu().numpy()
+    upstream = schema.upstream_index()
+    lines = []
+    for t, task in enumerate(schema.tasks):
+        if task.type != "binary":
+            continue
+        yt = y[y[:, upstream[t]] == 1, t] if upstream[t] >= 0 else y[:, t]
+        if yt.size and yt.min() != yt.max():
+            continue
+        seen = (
+            f"all {int(yt[0])} on its {yt.size:,} observed rows" if yt.size else "no observed rows"
+        )
+        lines.append(
+            f"warning: {where}: task {task.name!r} has {seen}; its AUC is undefined there and "
+            "early stopping on AUC leaves it out"
+        )
+    return lines
+
+
 def monitor_value(metrics: dict[str, dict[str, float]], monitor: str) -> float:
     """One number to maximise for early stopping: mean AUC over binary tasks (``auc``) or minus
     the mean of log loss / MSE (``loss``). Undefined (NaN) task metrics are skipped."""

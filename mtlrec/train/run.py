@@ -37,6 +37,7 @@ from mtlrec.schema import Schema
 from mtlrec.train import distributed as dist
 from mtlrec.train.checkpoint import save_json, save_text, save_torch
 from mtlrec.train.diagnostics import DIAGNOSTICS_FILE, GradientMonitor
+from mtlrec.train.metrics import undefined_auc_warnings
 from mtlrec.train.trainer import EpochRecord, Trainer, evaluate
 
 log = logging.getLogger(__name__)
@@ -115,6 +116,8 @@ def _train_run(
     valid = encoder.transform(valid_frame, where=_where(valid_frame, "valid"))
     if len(train) == 0 or len(valid) == 0:
         raise DataError("the train and validation splits need at least one row each")
+    for line in undefined_auc_warnings(schema, valid.labels, _where(valid_frame, "valid")):
+        echo(line)
     load_seconds = time.perf_counter() - started
 
     device = tcfg.torch_device()
