@@ -138,3 +138,22 @@ def test_an_export_folder_scores_like_its_run(finished_run, test_csv, tmp_path, 
     np.testing.assert_allclose(exported.to_numpy(), eager.to_numpy(), rtol=1e-5, atol=1e-6)
     small = predict_file(folder, test_csv, tmp_path / "b.parquet", batch_size=64).out
     np.testing.assert_allclose(pd.read_parquet(small).to_numpy(), exported.to_numpy(), rtol=1e-6)
+
+
+def test_evaluate_streams_a_parquet_file_to_the_same_metrics(finished_run, test_csv, tmp_path):
+    from mtlrec.train.run import evaluate_run
+
+    frame = pd.read_csv(test_csv, dtype=str, keep_default_na=False)
+    src = tmp_path / "test.parquet"
+    pq.write_table(pa.Table.from_pandas(frame), src, row_group_size=64)  # 5 row groups
+    streamed = evaluate_run(finished_run, str(src))["test.parquet"]
+    whole = evaluate_run(finished_run, str(test_csv))["test.csv"]
+    saved = json.loads((finished_run / "metrics.json").read_text())["test"]
+    for task in ("click", "purchase"):
+        for metric, value in saved[task].items():
+            assert streamed[task][metric] == pytest.approx(value, rel=1e-6), (task, metric)
+            assert whole[task][metric] == pytest.approx(value, rel=1e-6), (task, metric)
+    empty = tmp_path / "empty.csv"
+    frame.head(0).to_csv(empty, index=False)
+    with pytest.raises(DataError, match="empty.csv: no rows to evaluate"):
+        evaluate_run(finished_run, str(empty))

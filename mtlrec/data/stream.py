@@ -38,6 +38,7 @@ import pandas as pd
 import torch
 
 from mtlrec.data.encoder import ENCODER_VERSION, Encoder, _as_text, _numeric, _tokens
+from mtlrec.data.readers import read_frame
 from mtlrec.data.table import TensorTable
 from mtlrec.errors import DataError
 from mtlrec.schema import Schema
@@ -173,6 +174,17 @@ def parquet_chunks(
                 yield piece.file, first_row, frame
 
     return files.rows, chunks()
+
+
+def file_chunks(
+    path: str | Path, columns: list[str], read_rows: int = READ_ROWS
+) -> tuple[int, Iterator[tuple[str, int, pd.DataFrame]]]:
+    """Like :func:`parquet_chunks` for any input of ``read_frame``: a Parquet file or folder is
+    streamed, a CSV file is read whole as one chunk."""
+    if is_parquet(path):
+        return parquet_chunks(path, columns, read_rows)
+    frame = read_frame(path, columns=columns)
+    return len(frame), iter([(str(path), 0, frame)])
 
 
 def _ints_with_nulls(fragment: Any, columns: list[str]) -> set[str]:

@@ -20,7 +20,7 @@ from __future__ import annotations
 import os
 import sys
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,8 +28,7 @@ import numpy as np
 import pandas as pd
 
 from mtlrec.data.encoder import Encoder
-from mtlrec.data.readers import read_frame
-from mtlrec.data.stream import READ_ROWS, is_parquet, parquet_chunks
+from mtlrec.data.stream import READ_ROWS, file_chunks
 from mtlrec.data.table import TensorTable
 from mtlrec.errors import ConfigError
 from mtlrec.models import MTLModel
@@ -111,7 +110,7 @@ def predict_file(
     if clash:
         raise ConfigError(f"--keep {', '.join(clash)}: the name of a prediction column")
     columns = list(dict.fromkeys([f.source for f in encoder.schema.features] + keep))
-    total, chunks = _read_chunks(data, columns, read_rows)
+    total, chunks = file_chunks(data, columns, read_rows)
     start = time.perf_counter()
     rows = 0
     writer = _AtomicWriter(out)
@@ -147,15 +146,6 @@ def _load(path: Path) -> tuple[Encoder, MTLModel | Score, int]:
         return predictor.encoder, predictor.predict, 16384
     config, encoder, model = load_run(path)
     return encoder, model, int(config["train"].get("eval_batch_size", 16384))
-
-
-def _read_chunks(
-    data: str | Path, columns: list[str], read_rows: int
-) -> tuple[int, Iterator[tuple[str, int, pd.DataFrame]]]:
-    if is_parquet(data):
-        return parquet_chunks(data, columns, read_rows)
-    frame = read_frame(data, columns=columns)
-    return len(frame), iter([(str(data), 0, frame)])
 
 
 class _AtomicWriter:

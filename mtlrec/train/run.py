@@ -216,17 +216,35 @@ def load_run(run_dir: str | Path) -> tuple[dict[str, Any], Encoder, MTLModel]:
 
 
 def evaluate_run(run_dir: str | Path, data: str | None = None) -> dict[str, Any]:
-    """Metrics of a finished run on its dataset's test split, or on a given file."""
-    from mtlrec.data.readers import read_frame
-
+    """Metrics of a finished run on its dataset's test split, or on a given file (a Parquet file
+    or folder is read a record batch at a time; only the predictions and labels are kept)."""
     config, encoder, model = load_run(run_dir)
     batch = int(config["train"].get("eval_batch_size", 16384))
     if data:
-        frame = read_frame(data, columns=encoder.schema.required_columns())
-        return _clean({Path(data).name: evaluate(model, encoder.transform(frame, data), batch)})
+        return _clean({Path(data).name: _evaluate_file(model, encoder, data, batch)})
     splits = load_splits(config)
     table = encoder.transform(splits.test, where=_where(splits.test, "test"))
     return _clean({"test": evaluate(model, table, batch)})
+
+
+def _evaluate_file(
+    model: MTLModel, encoder: Encoder, data: str, batch: int
+) -> dict[str, dict[str, float]]:
+    from mtlrec.data.stream import file_chunks
+    from mtlrec.train.metrics import task_metrics
+    from mtlrec.train.trainer import predict
+
+    rows, chunks = file_chunks(data, encoder.schema.required_columns())
+    if rows == 0:
+        raise DataError(f"{data}: no rows to evaluate")
+    labels, cond, joint = [], [], []
+    for where, first_row, frame in chunks:
+        table = encoder.transform(frame, where=where, first_row=first_row)
+        c, j = predict(model, table, batch)
+        labels.append(table.labels)
+        cond.append(c)
+        joint.append(j)
+    return task_metrics(encoder.schema, torch.cat(labels), torch.cat(cond), torch.cat(joint))
 
 
 def _stream_path(config: dict[str, Any], tcfg: TrainConfig) -> str | None:
