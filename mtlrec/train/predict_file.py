@@ -33,6 +33,7 @@ from mtlrec.data.table import TensorTable
 from mtlrec.errors import ConfigError
 from mtlrec.models import MTLModel
 from mtlrec.schema import Schema
+from mtlrec.train.run import load_run
 from mtlrec.train.trainer import predict
 
 OUTPUT_SUFFIXES = (".parquet", ".pq", ".csv")
@@ -115,7 +116,7 @@ def predict_file(
     rows = 0
     writer = _AtomicWriter(out)
     try:
-        with _bar(progress, total) as advance:
+        with _ProgressBar(progress, total) as advance:
             for where, first_row, frame in chunks:
                 preds = predict_frame(
                     model, encoder, frame, batch_size=batch, where=where, first_row=first_row
@@ -137,9 +138,7 @@ def predict_file(
 def _load(path: Path) -> tuple[Encoder, MTLModel | Score, int]:
     """A run directory's model, or an export folder's graph (its loader is imported only then:
     the serving code stays out of the core package otherwise)."""
-    from mtlrec.train.run import load_run
-
-    if (path / "metadata.json").exists():
+    if (path / "metadata.json").exists():  # mtlrec.serve.predictor.METADATA
         from mtlrec.serve.predictor import load_predictor
 
         predictor = load_predictor(path)
@@ -193,7 +192,7 @@ class _AtomicWriter:
             self._parquet_writer = None
 
 
-class _bar:
+class _ProgressBar:
     """A rich progress bar over rows on a terminal; a no-op otherwise."""
 
     def __init__(self, enabled: bool, total: int) -> None:
