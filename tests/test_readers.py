@@ -52,3 +52,24 @@ def test_corrupt_parquet_and_missing_file(tmp_path):
         read_frame(tmp_path / "x.parquet")
     with pytest.raises(DataError, match="nope.csv: file not found"):
         read_frame(tmp_path / "nope.csv")
+
+
+def test_a_folder_of_parquet_files_reads_as_one_table(tmp_path):
+    """A partitioned dataset: every file under the folder, in path order, ints with nulls in any
+    file read as floats in all of them (as one file would)."""
+    folder = tmp_path / "valid"
+    (folder / "day=2").mkdir(parents=True)
+    pd.DataFrame({"a": ["x", "y"], "n": [1, 2]}).to_parquet(folder / "part-0.parquet")
+    pd.DataFrame({"a": ["z"], "n": pd.array([None], dtype="Int64")}).to_parquet(
+        folder / "part-1.parquet"
+    )
+    pd.DataFrame({"a": ["w"], "n": [4]}).to_parquet(folder / "day=2" / "part-0.parquet")
+    frame = read_frame(folder, columns=["a", "n"])
+    assert frame["a"].tolist() == ["w", "x", "y", "z"]  # day=2/part-0, part-0, part-1
+    assert frame["n"].isna().sum() == 1
+    assert len(read_frame(folder, max_rows=3)) == 3
+    with pytest.raises(DataError, match=r"valid: missing column\(s\) 'b'"):
+        read_frame(folder, columns=["a", "b"])
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DataError, match="empty: a folder without .parquet files"):
+        read_frame(tmp_path / "empty")

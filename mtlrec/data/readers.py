@@ -36,7 +36,9 @@ def read_frame(
         raise DataError(f"{path}: file not found")
     suffixes = "".join(path.suffixes).lower()
     try:
-        if suffixes.endswith((".parquet", ".pq")):
+        if path.is_dir():
+            frame = _read_parquet_folder(path, columns, max_rows)
+        elif suffixes.endswith((".parquet", ".pq")):
             frame = _read_parquet(path, columns, max_rows)
         else:
             with warnings.catch_warnings():
@@ -91,17 +93,7 @@ def _read_parquet(path: Path, columns: list[str] | None, max_rows: int | None) -
     import pyarrow.parquet as pq
 
     pf = pq.ParquetFile(path)
-    present = set(pf.schema_arrow.names)
-    if columns is not None:
-        missing = [c for c in columns if c not in present]
-        if missing:
-            raise DataError(
-                f"{path}: missing column(s) {', '.join(repr(c) for c in missing)}; "
-                f"found {', '.join(sorted(present)[:12])}"
-            )
-        read_cols = [c for c in dict.fromkeys(columns)]
-    else:
-        read_cols = None
+    read_cols = _parquet_columns(path, pf.schema_arrow.names, columns)
     if max_rows is None:
         table = pf.read(columns=read_cols)
     else:
@@ -116,6 +108,35 @@ def _read_parquet(path: Path, columns: list[str] | None, max_rows: int | None) -
         table = pa.Table.from_batches(batches, schema=batches[0].schema if batches else None)
         table = table.slice(0, max_rows)
     return table.to_pandas()
+
+
+def _read_parquet_folder(
+    path: Path, columns: list[str] | None, max_rows: int | None
+) -> pd.DataFrame:
+    """Every Parquet file under a folder (a partitioned dataset), in the order pyarrow lists
+    them, which is the order the streaming reader uses too."""
+    import pyarrow.dataset as ds
+
+    if not any(f.suffix.lower() in (".parquet", ".pq") for f in path.rglob("*") if f.is_file()):
+        raise DataError(f"{path}: a folder without .parquet files")
+    dataset = ds.dataset(str(path), format="parquet")
+    read_cols = _parquet_columns(path, dataset.schema.names, columns)
+    if max_rows is None:
+        return dataset.to_table(columns=read_cols).to_pandas()
+    return dataset.head(max_rows, columns=read_cols).to_pandas()
+
+
+def _parquet_columns(path: Path, present: list[str], columns: list[str] | None) -> list[str] | None:
+    """The columns to read (None: all), after checking that each requested one exists."""
+    if columns is None:
+        return None
+    missing = [c for c in columns if c not in set(present)]
+    if missing:
+        raise DataError(
+            f"{path}: missing column(s) {', '.join(repr(c) for c in missing)}; "
+            f"found {', '.join(sorted(present)[:12])}"
+        )
+    return list(dict.fromkeys(columns))
 
 
 def _first_line(exc: BaseException) -> str:
