@@ -72,24 +72,11 @@ def train(
 
     try:
         user = cfg.load_yaml(config) if config else {}
-        overrides: list[dict[str, Any]] = []
-        if train_file or valid_file or schema:
-            files = {"name": "files", "train": train_file, "valid": valid_file, "schema": schema}
-            if test_file:
-                files["test"] = test_file
-            overrides.append({"dataset": files})
-        flags = {
-            ("dataset", "name"): dataset,
-            ("model", "name"): model,
-            ("train", "epochs"): epochs,
-            ("dataset", "max_rows"): max_rows,
-            ("train", "seed"): seed,
-            ("balance", "name"): balance,
-        }
-        for (section, key), value in flags.items():
-            if value is not None:
-                overrides.append({section: {key: value}})
-        overrides += [cfg.parse_override(s) for s in set_ or []]
+        overrides = _train_overrides(
+            dataset=dataset, model=model, set_=set_, epochs=epochs, max_rows=max_rows,
+            seed=seed, balance=balance, train_file=train_file, valid_file=valid_file,
+            test_file=test_file, schema=schema,
+        )  # fmt: skip
         if quiet:
             overrides.append({"train": {"progress": False}})
         if diagnose:
@@ -106,6 +93,169 @@ def train(
             metrics, title=f"{resolved['model']['name']} on {resolved['dataset']['name']}"
         )
         console.print(f"wrote {out / 'metrics.json'}", highlight=False)
+
+
+def _train_overrides(
+    *,
+    dataset: str | None,
+    model: str | None,
+    set_: list[str] | None,
+    epochs: int | None,
+    max_rows: int | None,
+    seed: int | None,
+    balance: str | None,
+    train_file: str | None,
+    valid_file: str | None,
+    test_file: str | None,
+    schema: str | None,
+) -> list[dict[str, Any]]:
+    """The config overrides that ``train``'s flags stand for, in the order they apply."""
+    from mtlrec import config as cfg
+
+    overrides: list[dict[str, Any]] = []
+    if train_file or valid_file or schema:
+        files = {"name": "files", "train": train_file, "valid": valid_file, "schema": schema}
+        if test_file:
+            files["test"] = test_file
+        overrides.append({"dataset": files})
+    flags = {
+        ("dataset", "name"): dataset,
+        ("model", "name"): model,
+        ("train", "epochs"): epochs,
+        ("dataset", "max_rows"): max_rows,
+        ("train", "seed"): seed,
+        ("balance", "name"): balance,
+    }
+    for (section, key), value in flags.items():
+        if value is not None:
+            overrides.append({section: {key: value}})
+    return overrides + [cfg.parse_override(s) for s in set_ or []]
+
+
+@app.command()
+def sweep(
+    out: Annotated[Path, typer.Option("--out", "-o", help="Folder for the runs and SWEEP.md")],
+    models: Annotated[str, typer.Option(help="Comma-separated model names")],
+    balancers: Annotated[
+        str | None, typer.Option(help="Comma-separated balancer names (default: the config's)")
+    ] = None,
+    seeds: Annotated[str, typer.Option(help="Comma-separated seeds")] = "1,2,3",
+    parallel: Annotated[int, typer.Option(help="Training processes at once (1 thread each)")] = 1,
+    force: Annotated[bool, typer.Option(help="Retrain runs that already finished")] = False,
+    dataset: Annotated[str | None, typer.Option(help="Registered dataset name")] = None,
+    config: Annotated[Path | None, typer.Option(help="YAML config file")] = None,
+    set_: Annotated[
+        list[str] | None, typer.Option("--set", help="Override: section.key=value (repeatable)")
+    ] = None,
+    epochs: Annotated[int | None, typer.Option(help="train.epochs")] = None,
+    max_rows: Annotated[int | None, typer.Option(help="Cap rows per split")] = None,
+    train_file: Annotated[
+        str | None, typer.Option("--train", help="Your training CSV/Parquet")
+    ] = None,
+    valid_file: Annotated[str | None, typer.Option("--valid", help="Your validation file")] = None,
+    test_file: Annotated[str | None, typer.Option("--test", help="Your test file")] = None,
+    schema: Annotated[str | None, typer.Option(help="Schema YAML for your own files")] = None,
+) -> None:
+    """Train models x balancers x seeds, rank them on validation, report test metrics.
+
+    Each combination is a 'mtlrec train' run in OUT/<model>--<balancer>/seed-<seed>; finished
+    runs are reused and interrupted ones resume, so the same command continues a stopped sweep."""
+    import shlex
+
+    from mtlrec import config as cfg
+    from mtlrec.balance.base import describe_balancers
+    from mtlrec.models.base import build_config
+    from mtlrec.models.registry import model_class
+    from mtlrec.train.sweep import SUMMARY_JSON, SUMMARY_MD, markdown, plan, run_jobs, summarise
+
+    def names(text: str | None) -> list[str]:
+        return [x.strip() for x in (text or "").split(",") if x.strip()]
+
+    try:
+        model_names = names(models)
+        balancer_names: list[str | None] = list(names(balancers)) or [None]
+        try:
+            seed_values = [int(x) for x in names(seeds)]
+        except ValueError:
+            raise MTLRecError(f"--seeds {seeds!r}: expected comma-separated integers") from None
+        for m in model_names:
+            model_class(m)  # an unknown name fails now, not after the first runs
+        known = describe_balancers()
+        unknown = [b for b in balancer_names if b is not None and b not in known]
+        if unknown:
+            raise MTLRecError(
+                f"unknown balancer(s) {', '.join(unknown)}; choose from: {', '.join(sorted(known))}"
+            )
+        if parallel < 1:
+            raise MTLRecError("--parallel must be >= 1")
+        train_args: list[str] = []
+        for flag, value in (
+            ("--dataset", dataset),
+            ("--config", config),
+            ("--epochs", epochs),
+            ("--max-rows", max_rows),
+            ("--train", train_file),
+            ("--valid", valid_file),
+            ("--test", test_file),
+            ("--schema", schema),
+        ):
+            if value is not None:
+                train_args += [flag, str(value)]
+        for item in set_ or []:
+            train_args += ["--set", item]
+        user = cfg.load_yaml(config) if config else {}
+        for m in model_names:  # every key and value checked before any run starts
+            for b in balancer_names:
+                overrides = _train_overrides(
+                    dataset=dataset, model=m, set_=set_, epochs=epochs, max_rows=max_rows,
+                    seed=None, balance=b, train_file=train_file, valid_file=valid_file,
+                    test_file=test_file, schema=schema,
+                )  # fmt: skip
+                resolved = cfg.resolve(user, overrides)
+                options = {k: v for k, v in resolved["model"].items() if k != "name"}
+                build_config(model_class(m).Config, options, m)
+        if balancer_names == [None]:  # name the configured balancer in folders and tables
+            balancer_names = [resolved["balance"]["name"]]
+        jobs = plan(out, model_names, balancer_names, seed_values)
+    except MTLRecError as exc:
+        _fail(exc)
+    err.print(f"sweep: {len(jobs)} runs, {parallel} at a time, in {out}", highlight=False)
+    statuses = run_jobs(jobs, train_args, parallel, force=force)
+    summary = summarise(jobs, statuses)
+    command = "mtlrec sweep " + shlex.join(sys.argv[2:]) if len(sys.argv) > 2 else "mtlrec sweep"
+    out.mkdir(parents=True, exist_ok=True)
+    (out / SUMMARY_JSON).write_text(json.dumps(summary, indent=2, default=str))
+    (out / SUMMARY_MD).write_text(markdown(summary, command))
+    _print_sweep(summary)
+    console.print(f"wrote {out / SUMMARY_MD} and {out / SUMMARY_JSON}", highlight=False)
+    if summary["failed"]:
+        raise typer.Exit(1)
+
+
+def _print_sweep(summary: dict[str, Any]) -> None:
+    rows = summary["configurations"]
+    tasks = list(dict.fromkeys(t for r in rows for t in r["test"]))
+    table = Table(title="sweep: ranked by mean validation score (test reported, not used)")
+    for name in ["rank", "configuration", "seeds", "valid score"] + [f"test {t}" for t in tasks]:
+        table.add_column(name, justify="left" if name == "configuration" else "right")
+    for i, r in enumerate(rows, 1):
+        cells = []
+        for t in tasks:
+            stats = r["test"].get(t, {})
+            cells.append(_fmt(stats.get("mean")) + _std(stats.get("std")))
+        score = r["valid_score"]
+        table.add_row(
+            str(i),
+            r["config"],
+            str(len(r["seeds_ok"])),
+            _fmt(score["mean"]) + _std(score["std"]),
+            *cells,
+        )
+    console.print(table)
+
+
+def _std(value: float | None) -> str:
+    return "" if value is None else f" ± {value:.4f}"
 
 
 @app.command()

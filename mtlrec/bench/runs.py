@@ -74,11 +74,14 @@ def train_or_reuse(
 
 
 def run_all(
-    jobs: Sequence[tuple], run: Callable[..., dict[str, Any]], parallel: int
+    jobs: Sequence[tuple],
+    run: Callable[..., dict[str, Any]],
+    parallel: int,
+    line: Callable[[dict[str, Any]], str] = json.dumps,
 ) -> list[dict[str, Any]]:
     """``run(*job)`` for every job, ``parallel`` at a time, one progress line per finished run on
-    stderr; stops early when the first runs all fail (the same mistake would fail the rest).
-    Returns the rows in job order."""
+    stderr (``line(row)``); stops early when the first runs all fail (the same mistake would fail
+    the rest). Returns the rows in job order (a cancelled job has none)."""
     started = time.perf_counter()
     rows: dict[int, dict[str, Any]] = {}
     with ThreadPoolExecutor(max_workers=parallel) as pool:
@@ -87,7 +90,7 @@ def run_all(
             row = future.result()
             rows[futures[future]] = row
             print(
-                f"[{done}/{len(jobs)} {time.perf_counter() - started:,.0f}s] {json.dumps(row)}",
+                f"[{done}/{len(jobs)} {time.perf_counter() - started:,.0f}s] {line(row)}",
                 file=sys.stderr,
                 flush=True,
             )

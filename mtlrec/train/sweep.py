@@ -1,0 +1,251 @@
+"""Compare models x balancers x seeds on one dataset (`mtlrec sweep`).
+
+Every combination is an ordinary ``mtlrec train`` run in its own folder
+(``OUT/<model>--<balancer>/seed-<seed>``), launched as a separate process with one thread, K at a
+time, so a sweep can be stopped and started again: finished runs are read back, interrupted ones
+resume from their checkpoint. The summary ranks the configurations by their mean validation
+score (the same figure early stopping maximises), because choosing a winner is model selection
+and belongs to the validation split; the test metrics are reported beside it, never used to rank.
+Differences to the first configuration are paired by seed (same data order, same initialisation
+seed), with the standard error of the mean paired difference, so that a gap smaller than the
+seed-to-seed noise is visible as such.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import statistics
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from mtlrec.bench.runs import run_all, train_or_reuse
+from mtlrec.errors import ConfigError
+from mtlrec.train.metrics import monitor_value
+
+SUMMARY_JSON = "sweep.json"
+SUMMARY_MD = "SWEEP.md"
+
+
+@dataclass(frozen=True)
+class Job:
+    model: str
+    balancer: str | None  # None: whatever the config says (``fixed`` by default)
+    seed: int
+    out: Path
+
+    @property
+    def config_name(self) -> str:
+        return f"{self.model} + {self.balancer or 'configured'}"
+
+
+def plan(
+    out: Path, models: Sequence[str], balancers: Sequence[str | None], seeds: Sequence[int]
+) -> list[Job]:
+    """Every (model, balancer, seed), configuration by configuration."""
+    if not models or not balancers or not seeds:
+        raise ConfigError("sweep: give at least one model, balancer and seed")
+    for name, values in (("models", models), ("balancers", balancers), ("seeds", seeds)):
+        dup = sorted({str(v) for v in values if list(values).count(v) > 1})
+        if dup:
+            raise ConfigError(f"sweep: --{name} lists {', '.join(dup)} twice")
+    return [
+        Job(m, b, s, out / f"{m}--{b or 'configured'}" / f"seed-{s}")
+        for m in models
+        for b in balancers
+        for s in seeds
+    ]
+
+
+def run_jobs(
+    jobs: Sequence[Job], train_args: Sequence[str], parallel: int, force: bool = False
+) -> list[dict[str, Any]]:
+    """Train (or reuse) every job; one status row per job, in job order (a job cancelled after
+    every earlier run failed gets the status "not run")."""
+
+    def run(job: Job) -> dict[str, Any]:
+        command = [sys.executable, "-m", "mtlrec.cli", "train", *train_args]
+        command += ["--model", job.model, "--seed", str(job.seed), "--out", str(job.out)]
+        command += ["--balance", job.balancer] if job.balancer else []
+        command += ["--resume", "--quiet"]
+        row = {"model": job.model, "balancer": job.balancer, "seed": job.seed}
+        return train_or_reuse(job.out, command, row, force=force)
+
+    done = run_all([(job,) for job in jobs], run, max(1, parallel), line=_progress_line)
+    by_key = {(r["model"], r["balancer"], r["seed"]): r for r in done}
+    return [
+        by_key.get((j.model, j.balancer, j.seed))
+        or {"model": j.model, "balancer": j.balancer, "seed": j.seed, "status": "not run"}
+        for j in jobs
+    ]
+
+
+def _progress_line(row: dict[str, Any]) -> str:
+    name = f"{row['model']} + {row['balancer'] or 'configured'}, seed {row['seed']}"
+    return f"{name}: {row['status']}"
+
+
+def summarise(jobs: Sequence[Job], statuses: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """Per configuration: seeds, validation score, per-task test metrics (mean, std, per seed),
+    paired differences to the first configuration; sorted by mean validation score."""
+    configs: dict[str, dict[str, Any]] = {}
+    failed = []
+    for job, status in zip(jobs, statuses):
+        entry = configs.setdefault(
+            job.config_name,
+            {"model": job.model, "balancer": job.balancer, "seeds": {}, "failed": []},
+        )
+        if status.get("status") != "ok":
+            entry["failed"].append(job.seed)
+            failed.append({"run": str(job.out), "status": status.get("status")})
+            continue
+        metrics = _nan(json.loads((job.out / "metrics.json").read_text()))
+        history = json.loads((job.out / "history.json").read_text())
+        config = yaml.safe_load((job.out / "config.yaml").read_text())
+        monitor = config["train"].get("monitor", "auc")
+        entry["seeds"][job.seed] = {
+            "valid_score": monitor_value(metrics["valid"], monitor),
+            "test": {t: _headline(m) for t, m in (metrics.get("test") or {}).items()},
+            "epochs": len(history.get("epochs") or []),
+        }
+    reference = next(iter(configs.values()), None)
+    rows = [_config_row(name, c, reference) for name, c in configs.items()]
+    ranked = sorted(rows, key=lambda r: -_or(r["valid_score"]["mean"], -math.inf))
+    return {"configurations": ranked, "reference": next(iter(configs), None), "failed": failed}
+
+
+def _config_row(name: str, c: dict[str, Any], reference: dict[str, Any] | None) -> dict[str, Any]:
+    seeds = c["seeds"]
+    tasks: dict[str, dict[str, Any]] = {}
+    for s, values in sorted(seeds.items()):
+        for task, (metric, value) in values["test"].items():
+            tasks.setdefault(task, {"metric": metric, "per_seed": {}})["per_seed"][s] = value
+    for task, t in tasks.items():
+        t.update(_mean_std(list(t["per_seed"].values())))
+        if reference is not None and reference is not c:
+            ref = {s: v["test"].get(task) for s, v in reference["seeds"].items()}
+            paired = [
+                t["per_seed"][s] - ref[s][1]
+                for s in t["per_seed"]
+                if ref.get(s) is not None and _finite(t["per_seed"][s]) and _finite(ref[s][1])
+            ]
+            t["vs_reference"] = _paired(paired)
+    return {
+        "config": name,
+        "model": c["model"],
+        "balancer": c["balancer"],
+        "seeds_ok": sorted(seeds),
+        "seeds_failed": c["failed"],
+        "valid_score": _mean_std([v["valid_score"] for v in seeds.values()]),
+        "epochs": _mean_std([v["epochs"] for v in seeds.values()])["mean"],
+        "test": tasks,
+    }
+
+
+def _headline(m: dict[str, Any]) -> tuple[str, float]:
+    """The one test metric shown per task: AUC for a binary task, MSE for a regression task."""
+    return ("auc", m.get("auc", math.nan)) if "auc" in m else ("mse", m.get("mse", math.nan))
+
+
+def _mean_std(values: list[float]) -> dict[str, float | None]:
+    finite = [v for v in values if _finite(v)]
+    return {
+        "mean": statistics.fmean(finite) if finite else None,
+        "std": statistics.stdev(finite) if len(finite) > 1 else None,
+    }
+
+
+def _paired(diffs: list[float]) -> dict[str, Any]:
+    """Mean paired difference, its standard error (std / sqrt(n)) and n."""
+    if not diffs:
+        return {"mean": None, "se": None, "n": 0}
+    se = statistics.stdev(diffs) / math.sqrt(len(diffs)) if len(diffs) > 1 else None
+    return {"mean": statistics.fmean(diffs), "se": se, "n": len(diffs)}
+
+
+def _finite(value: Any) -> bool:
+    return isinstance(value, int | float) and math.isfinite(value)
+
+
+def _or(value: float | None, default: float) -> float:
+    return default if value is None else value
+
+
+def _nan(value: Any) -> Any:
+    """null (an undefined metric in metrics.json) -> NaN, as the metric code expects."""
+    if isinstance(value, dict):
+        return {k: _nan(v) for k, v in value.items()}
+    return math.nan if value is None else value
+
+
+def markdown(summary: dict[str, Any], command: str) -> str:
+    """SWEEP.md: the ranking table and the paired differences."""
+    rows = summary["configurations"]
+    tasks = list(dict.fromkeys(t for r in rows for t in r["test"]))
+    metric = {t: next(r["test"][t]["metric"] for r in rows if t in r["test"]) for t in tasks}
+    lines = [
+        "# Sweep",
+        "",
+        f"Command: `{command}`",
+        "",
+        "Ranked by mean validation score (mean validation AUC over binary tasks, or minus the "
+        "mean validation loss: the early-stopping figure); the test columns are reported, not "
+        "used to rank. Mean ± sample standard deviation over seeds.",
+        "",
+        "| rank | configuration | seeds | valid score | "
+        + " | ".join(f"test {t} {metric[t]}" for t in tasks)
+        + " | epochs |",
+        "|" + "---|" * (5 + len(tasks)),
+    ]
+    for i, r in enumerate(rows, 1):
+        cells = [_pm(r["test"].get(t, {})) for t in tasks]
+        seeds = f"{len(r['seeds_ok'])}" + (
+            f" ({len(r['seeds_failed'])} failed)" if r["seeds_failed"] else ""
+        )
+        lines.append(
+            f"| {i} | {r['config']} | {seeds} | {_pm(r['valid_score'])} | "
+            + " | ".join(cells)
+            + f" | {_num(r['epochs'], 1)} |"
+        )
+    if summary["reference"] and len(rows) > 1:
+        lines += [
+            "",
+            f"Paired test differences to `{summary['reference']}` (same seeds): mean ± standard "
+            "error; a difference within about two standard errors is not distinguishable from "
+            "seed noise.",
+            "",
+            "| configuration | " + " | ".join(f"Δ {t} {metric[t]}" for t in tasks) + " |",
+            "|" + "---|" * (1 + len(tasks)),
+        ]
+        for r in rows:
+            if r["config"] == summary["reference"]:
+                continue
+            cells = [_diff(r["test"].get(t, {}).get("vs_reference")) for t in tasks]
+            lines.append(f"| {r['config']} | " + " | ".join(cells) + " |")
+    if summary["failed"]:
+        lines += ["", "Failed runs (see each folder's train.log):", ""]
+        lines += [f"- `{f['run']}`: {f['status']}" for f in summary["failed"]]
+    return "\n".join(lines) + "\n"
+
+
+def _num(value: float | None, digits: int = 4) -> str:
+    return "—" if value is None else f"{value:.{digits}f}"
+
+
+def _pm(stats: dict[str, Any]) -> str:
+    if not stats or stats.get("mean") is None:
+        return "—"
+    std = stats.get("std")
+    return _num(stats["mean"]) + ("" if std is None else f" ± {std:.4f}")
+
+
+def _diff(stats: dict[str, Any] | None) -> str:
+    if not stats or stats.get("mean") is None:
+        return "—"
+    se = stats.get("se")
+    return f"{stats['mean']:+.4f}" + ("" if se is None else f" ± {se:.4f}") + f" (n={stats['n']})"
