@@ -28,27 +28,35 @@ def _fail(exc: MTLRecError) -> None:
     raise typer.Exit(2)
 
 
+# Options that 'train' and 'sweep' share (a sweep passes them on to every run it starts).
+DatasetOption = Annotated[str | None, typer.Option(help="Registered dataset name")]
+ConfigOption = Annotated[Path | None, typer.Option(help="YAML config file")]
+SetOption = Annotated[
+    list[str] | None, typer.Option("--set", help="Override: section.key=value (repeatable)")
+]
+EpochsOption = Annotated[int | None, typer.Option(help="train.epochs")]
+MaxRowsOption = Annotated[int | None, typer.Option(help="Cap rows per split (dataset.max_rows)")]
+TrainFileOption = Annotated[str | None, typer.Option("--train", help="Your training CSV/Parquet")]
+ValidFileOption = Annotated[str | None, typer.Option("--valid", help="Your validation file")]
+TestFileOption = Annotated[str | None, typer.Option("--test", help="Your test file")]
+SchemaOption = Annotated[str | None, typer.Option(help="Schema YAML for your own files")]
+
+
 @app.command()
 def train(
     out: Annotated[Path, typer.Option("--out", "-o", help="Run directory to write")],
-    dataset: Annotated[str | None, typer.Option(help="Registered dataset name")] = None,
+    dataset: DatasetOption = None,
     model: Annotated[str | None, typer.Option(help="Registered model name")] = None,
-    config: Annotated[Path | None, typer.Option(help="YAML config file")] = None,
-    set_: Annotated[
-        list[str] | None, typer.Option("--set", help="Override: section.key=value (repeatable)")
-    ] = None,
-    epochs: Annotated[int | None, typer.Option(help="train.epochs")] = None,
-    max_rows: Annotated[
-        int | None, typer.Option(help="Cap rows per split (dataset.max_rows)")
-    ] = None,
+    config: ConfigOption = None,
+    set_: SetOption = None,
+    epochs: EpochsOption = None,
+    max_rows: MaxRowsOption = None,
     seed: Annotated[int | None, typer.Option(help="train.seed")] = None,
     balance: Annotated[str | None, typer.Option(help="Balancer name (balance.name)")] = None,
-    train_file: Annotated[
-        str | None, typer.Option("--train", help="Your training CSV/Parquet")
-    ] = None,
-    valid_file: Annotated[str | None, typer.Option("--valid", help="Your validation file")] = None,
-    test_file: Annotated[str | None, typer.Option("--test", help="Your test file")] = None,
-    schema: Annotated[str | None, typer.Option(help="Schema YAML for your own files")] = None,
+    train_file: TrainFileOption = None,
+    valid_file: ValidFileOption = None,
+    test_file: TestFileOption = None,
+    schema: SchemaOption = None,
     resume: Annotated[bool, typer.Option(help="Continue from OUT/checkpoint.pt")] = False,
     quiet: Annotated[bool, typer.Option(help="No progress bar or per-epoch lines")] = False,
     diagnose: Annotated[
@@ -142,19 +150,15 @@ def sweep(
     seeds: Annotated[str, typer.Option(help="Comma-separated seeds")] = "1,2,3",
     parallel: Annotated[int, typer.Option(help="Training processes at once (1 thread each)")] = 1,
     force: Annotated[bool, typer.Option(help="Retrain runs that already finished")] = False,
-    dataset: Annotated[str | None, typer.Option(help="Registered dataset name")] = None,
-    config: Annotated[Path | None, typer.Option(help="YAML config file")] = None,
-    set_: Annotated[
-        list[str] | None, typer.Option("--set", help="Override: section.key=value (repeatable)")
-    ] = None,
-    epochs: Annotated[int | None, typer.Option(help="train.epochs")] = None,
-    max_rows: Annotated[int | None, typer.Option(help="Cap rows per split")] = None,
-    train_file: Annotated[
-        str | None, typer.Option("--train", help="Your training CSV/Parquet")
-    ] = None,
-    valid_file: Annotated[str | None, typer.Option("--valid", help="Your validation file")] = None,
-    test_file: Annotated[str | None, typer.Option("--test", help="Your test file")] = None,
-    schema: Annotated[str | None, typer.Option(help="Schema YAML for your own files")] = None,
+    dataset: DatasetOption = None,
+    config: ConfigOption = None,
+    set_: SetOption = None,
+    epochs: EpochsOption = None,
+    max_rows: MaxRowsOption = None,
+    train_file: TrainFileOption = None,
+    valid_file: ValidFileOption = None,
+    test_file: TestFileOption = None,
+    schema: SchemaOption = None,
 ) -> None:
     """Train models x balancers x seeds, rank them on validation, report test metrics.
 
