@@ -289,6 +289,10 @@ def predict(
         list[str] | None,
         typer.Option(help="Input column(s) to copy into the output, e.g. ids (repeatable, or a,b)"),
     ] = None,
+    fusion: Annotated[
+        Path | None,
+        typer.Option(help="Fusion YAML (a 'serve:' mapping): adds the fused ranking 'score'"),
+    ] = None,
     batch_size: Annotated[int | None, typer.Option(help="Rows per forward pass")] = None,
 ) -> None:
     """Score every row of a file: per-task predictions (pred_<task>, pred_<task>_joint)."""
@@ -297,7 +301,7 @@ def predict(
     columns = [c.strip() for item in keep or [] for c in item.split(",") if c.strip()]
     try:
         summary = predict_file(
-            run_dir, data, out, keep=columns, batch_size=batch_size, progress=True
+            run_dir, data, out, keep=columns, fusion=fusion, batch_size=batch_size, progress=True
         )
     except MTLRecError as exc:
         _fail(exc)

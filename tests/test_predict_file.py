@@ -157,3 +157,25 @@ def test_evaluate_streams_a_parquet_file_to_the_same_metrics(finished_run, test_
     frame.head(0).to_csv(empty, index=False)
     with pytest.raises(DataError, match="empty.csv: no rows to evaluate"):
         evaluate_run(finished_run, str(empty))
+
+
+def test_a_fusion_file_adds_the_served_ranking_score(finished_run, test_csv, tmp_path):
+    conditional = tmp_path / "fusion.yaml"
+    conditional.write_text("serve:\n  weights: {click: 1.0, purchase: 0.5}\n")
+    scores = pd.read_parquet(
+        predict_file(finished_run, test_csv, tmp_path / "s.parquet", fusion=conditional).out
+    )
+    assert list(scores.columns) == [*PRED, "score"]
+    expected = scores["pred_click"].astype(float) * scores["pred_purchase"].astype(float) ** 0.5
+    np.testing.assert_allclose(scores["score"], expected, rtol=1e-9)
+    joint = tmp_path / "joint.yaml"
+    joint.write_text("serve:\n  kind: weighted_sum\n  probabilities: joint\n")
+    summed = pd.read_parquet(
+        predict_file(finished_run, test_csv, tmp_path / "j.parquet", fusion=joint).out
+    )
+    expected = summed["pred_click"].astype(float) + summed["pred_purchase_joint"].astype(float)
+    np.testing.assert_allclose(summed["score"], expected, rtol=1e-9)
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("serve:\n  weights: {like: 1.0}\n")
+    with pytest.raises(ConfigError, match="like"):
+        predict_file(finished_run, test_csv, tmp_path / "b.parquet", fusion=bad)

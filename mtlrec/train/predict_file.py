@@ -8,7 +8,9 @@ the out-of-vocabulary buckets. Output columns, in input row order:
 - the ``keep`` columns, copied unchanged (ids to join the scores back on);
 - ``pred_<task>`` per task: the probability for a binary task (for a task with ``depends_on``,
   conditional on its upstream task: pCVR), the predicted value for a regression task;
-- ``pred_<task>_joint`` per task with ``depends_on``: the entire-space probability (pCTCVR).
+- ``pred_<task>_joint`` per task with ``depends_on``: the entire-space probability (pCTCVR);
+- ``score`` with a fusion file (the ``serve:`` mapping of ``mtlrec serve``): the fused ranking
+  score the service would return for the same candidate.
 
 A Parquet file or folder is read and written a record batch at a time, so memory stays bounded
 whatever the file size; a CSV file is read whole. The output appears only when complete (written
@@ -37,6 +39,7 @@ from mtlrec.train.run import load_run
 from mtlrec.train.trainer import predict
 
 OUTPUT_SUFFIXES = (".parquet", ".pq", ".csv")
+SCORE = "score"
 
 
 @dataclass(frozen=True)
@@ -94,19 +97,23 @@ def predict_file(
     out: str | Path,
     *,
     keep: Sequence[str] = (),
+    fusion: str | Path | None = None,
     batch_size: int | None = None,
     read_rows: int = READ_ROWS,
     progress: bool = False,
 ) -> PredictSummary:
     """Score every row of ``data`` with the run (or export folder) in ``run_dir`` and write
-    ``out`` (.parquet, .pq or .csv). ``keep``: input columns to copy into the output."""
+    ``out`` (.parquet, .pq or .csv). ``keep``: input columns to copy into the output;
+    ``fusion``: a fusion YAML file, adds the fused ``score`` column."""
     out = Path(out)
     if not out.name.lower().endswith(OUTPUT_SUFFIXES):
         raise ConfigError(f"{out}: the output must end in {', '.join(OUTPUT_SUFFIXES)}")
     encoder, model, default_batch = _load(Path(run_dir))
     batch = int(batch_size or default_batch)
     keep = list(dict.fromkeys(keep))
+    fuse = _fusion(fusion, encoder.schema) if fusion is not None else None
     names = [name for name, _, _ in prediction_columns(encoder.schema)]
+    names += [SCORE] if fuse else []
     clash = sorted(set(keep) & set(names))
     if clash:
         raise ConfigError(f"--keep {', '.join(clash)}: the name of a prediction column")
@@ -121,6 +128,8 @@ def predict_file(
                 preds = predict_frame(
                     model, encoder, frame, batch_size=batch, where=where, first_row=first_row
                 )
+                if fuse is not None:
+                    preds[SCORE] = fuse(preds)
                 writer.write(pd.concat([frame[keep], preds], axis=1).reset_index(drop=True))
                 rows += len(frame)
                 advance(len(frame))
@@ -133,6 +142,21 @@ def predict_file(
         writer.abort()
         raise
     return PredictSummary(out, rows, keep + names, time.perf_counter() - start)
+
+
+def _fusion(path: str | Path, schema: Schema) -> Callable[[pd.DataFrame], np.ndarray]:
+    """The fused score of a frame of prediction columns, as ``mtlrec serve`` computes it (the
+    serving modules are imported only here: they are an optional part)."""
+    from mtlrec.serve.config import load_serve_config
+    from mtlrec.serve.fusion import Fusion
+
+    config = load_serve_config(path, schema)
+    fusion = Fusion(config, schema.task_names)
+    joint = config.probabilities == "joint"
+    columns = [
+        f"pred_{t.name}_joint" if joint and t.depends_on else f"pred_{t.name}" for t in schema.tasks
+    ]
+    return lambda preds: fusion(preds[columns].to_numpy(dtype=np.float64))
 
 
 def _load(path: Path) -> tuple[Encoder, MTLModel | Score, int]:
