@@ -170,7 +170,16 @@ def sweep(
     from mtlrec.balance.base import describe_balancers
     from mtlrec.models.base import build_config
     from mtlrec.models.registry import model_class
-    from mtlrec.train.sweep import SUMMARY_JSON, SUMMARY_MD, markdown, plan, run_jobs, summarise
+    from mtlrec.train.sweep import (
+        SUMMARY_JSON,
+        SUMMARY_MD,
+        SUMMARY_PNG,
+        markdown,
+        plan,
+        run_jobs,
+        summarise,
+        write_figure,
+    )
 
     def names(text: str | None) -> list[str]:
         return [x.strip() for x in (text or "").split(",") if x.strip()]
@@ -230,8 +239,11 @@ def sweep(
     out.mkdir(parents=True, exist_ok=True)
     (out / SUMMARY_JSON).write_text(json.dumps(summary, indent=2, default=str))
     (out / SUMMARY_MD).write_text(markdown(summary, command))
+    wrote = [out / SUMMARY_MD, out / SUMMARY_JSON]
+    if write_figure(summary, out / SUMMARY_PNG):
+        wrote.append(out / SUMMARY_PNG)
     _print_sweep(summary)
-    console.print(f"wrote {out / SUMMARY_MD} and {out / SUMMARY_JSON}", highlight=False)
+    console.print(f"wrote {', '.join(map(str, wrote))}", highlight=False)
     if summary["failed"]:
         raise typer.Exit(1)
 

@@ -110,6 +110,7 @@ def test_cli_sweep_trains_ranks_and_reuses(tmp_path):
             saved = json.loads((folder / "metrics.json").read_text())["test"]["click"]["auc"]
             assert row["test"]["click"]["per_seed"][str(seed)] == pytest.approx(saved)
     assert (out / "SWEEP.md").read_text().startswith("# Sweep")
+    assert (out / "SWEEP.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     stamp = (out / "mmoe--fixed" / "seed-1" / "train.log").stat().st_mtime_ns
     assert runner.invoke(app, args).exit_code == 0  # finished runs are read back, not retrained
     assert (out / "mmoe--fixed" / "seed-1" / "train.log").stat().st_mtime_ns == stamp

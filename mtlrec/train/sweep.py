@@ -30,6 +30,7 @@ from mtlrec.train.metrics import monitor_value
 
 SUMMARY_JSON = "sweep.json"
 SUMMARY_MD = "SWEEP.md"
+SUMMARY_PNG = "SWEEP.png"
 
 
 @dataclass(frozen=True)
@@ -249,3 +250,40 @@ def _diff(stats: dict[str, Any] | None) -> str:
         return "—"
     se = stats.get("se")
     return f"{stats['mean']:+.4f}" + ("" if se is None else f" ± {se:.4f}") + f" (n={stats['n']})"
+
+
+def write_figure(summary: dict[str, Any], path: Path) -> bool:
+    """SWEEP.png: per task, every configuration's test metric per seed (dots) and its mean ±
+    std (bar), in ranking order, so overlap between configurations is seen at a glance. Returns
+    False when matplotlib (extra 'plots') is not installed."""
+    try:
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+    except ImportError:
+        return False
+    rows = summary["configurations"]
+    tasks = list(dict.fromkeys(t for r in rows for t in r["test"]))
+    if not rows or not tasks:
+        return False
+    fig = Figure(figsize=(4.2 * len(tasks), 0.45 * len(rows) + 1.6))
+    labels = [r["config"] for r in rows]
+    ys = list(range(len(rows)))[::-1]  # rank 1 on top
+    for i, task in enumerate(tasks):
+        ax = fig.add_subplot(1, len(tasks), i + 1)
+        metric = "?"
+        for y, r in zip(ys, rows):
+            stats = r["test"].get(task)
+            if not stats or stats["mean"] is None:
+                continue
+            metric = stats["metric"]
+            seeds = [v for v in stats["per_seed"].values() if _finite(v)]
+            ax.plot(seeds, [y] * len(seeds), "o", color="tab:blue", alpha=0.5, markersize=4)
+            ax.errorbar(stats["mean"], y, xerr=stats["std"] or 0, fmt="|", color="black")
+        ax.set_yticks(ys)
+        ax.set_yticklabels(labels if i == 0 else [""] * len(labels), fontsize=8)
+        ax.set_title(f"test {task} {metric}", fontsize=9)
+        ax.grid(axis="x", alpha=0.3)
+    FigureCanvasAgg(fig)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    return True
