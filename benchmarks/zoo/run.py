@@ -234,7 +234,11 @@ def write_markdown(
         lines += [f"- {r['model']} / seed {r['seed']}: {r['status']}" for r in failed]
     if args.note:
         lines += ["", "## Notes", "", *(f"- {note}" for note in args.note)]
-    lines += ["", "Per-run numbers: `runs.json`; per-run logs: each run folder's `train.log`.", ""]
+    lines += [
+        "",
+        "Per-run numbers: `runs.json`; per-run logs: each run folder's `train.log` (run folders are not committed; `make bench-reproduce` re-checks each configuration from its committed fingerprint).",
+        "",
+    ]
     path.write_text("\n".join(lines))
 
 
