@@ -166,6 +166,8 @@ def sweep(
     runs are reused and interrupted ones resume, so the same command continues a stopped sweep."""
     import shlex
 
+    import yaml
+
     from mtlrec import config as cfg
     from mtlrec.balance.base import describe_balancers
     from mtlrec.models.base import build_config
@@ -230,6 +232,31 @@ def sweep(
         if balancer_names == [None]:  # name the configured balancer in folders and tables
             balancer_names = [resolved["balance"]["name"]]
         jobs = plan(out, model_names, balancer_names, seed_values)
+        if not force:  # a finished run of another config must not be read back as this one
+            stale = []
+            for job in jobs:
+                saved = job.out / "config.yaml"
+                if saved.exists():
+                    overrides = _train_overrides(
+                        dataset=dataset, model=job.model, set_=set_, epochs=epochs,
+                        max_rows=max_rows, seed=job.seed, balance=job.balancer,
+                        train_file=train_file, valid_file=valid_file, test_file=test_file,
+                        schema=schema,
+                    )  # fmt: skip
+                    expected = cfg.resolve(user, overrides)
+                    finished = (job.out / "metrics.json").exists()
+                    changes = cfg.config_changes(
+                        yaml.safe_load(saved.read_text()),
+                        expected,
+                        cfg.REUSABLE_KEYS if finished else cfg.RESUMABLE_KEYS,
+                    )
+                    if changes:
+                        stale.append(f"{job.out} ({changes[0]})")
+            if stale:
+                raise MTLRecError(
+                    f"{len(stale)} run(s) in {out} were trained with another configuration, e.g. "
+                    f"{stale[0]}; use --force to retrain them, or another --out"
+                )
     except MTLRecError as exc:
         _fail(exc)
     err.print(f"sweep: {len(jobs)} runs, {parallel} at a time, in {out}", highlight=False)

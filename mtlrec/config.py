@@ -229,3 +229,47 @@ def split_named(section: dict[str, Any], what: str) -> tuple[str, dict[str, Any]
     if not name:
         raise ConfigError(f"{what}.name is not set")
     return str(name), options
+
+
+# Keys a resumed or reused run may change: how long and how it runs, not what it learns.
+RESUMABLE_KEYS = frozenset(
+    {
+        "train.epochs",
+        "train.patience",
+        "train.progress",
+        "train.threads",
+        "train.checkpoint_every",
+        "train.eval_batch_size",
+        "train.device",
+    }
+)
+
+# A finished run read back as a result: its epochs and patience shaped that result too.
+REUSABLE_KEYS = RESUMABLE_KEYS - {"train.epochs", "train.patience"}
+
+
+def config_changes(
+    old: dict[str, Any], new: dict[str, Any], ignore: frozenset[str] = RESUMABLE_KEYS
+) -> list[str]:
+    """``section.key: old -> new`` for every resolved key that differs, outside ``ignore``.
+    ``new`` goes through a YAML round trip first, as the saved ``config.yaml`` did."""
+    flat_old = _flatten(old)
+    flat_new = _flatten(yaml.safe_load(yaml.safe_dump(new)))
+    missing = object()
+
+    def show(flat: dict[str, Any], key: str) -> str:
+        return repr(flat[key]) if key in flat else "(unset)"
+
+    return [
+        f"{key}: {show(flat_old, key)} -> {show(flat_new, key)}"
+        for key in sorted(set(flat_old) | set(flat_new))
+        if key not in ignore and flat_old.get(key, missing) != flat_new.get(key, missing)
+    ]
+
+
+def _flatten(config: dict[str, Any]) -> dict[str, Any]:
+    return {
+        f"{section}.{key}": value
+        for section, values in (config or {}).items()
+        for key, value in (values or {}).items()
+    }

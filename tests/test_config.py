@@ -79,3 +79,18 @@ def test_device_is_checked_early():
 def test_train_values_out_of_range_are_named(key, value, needle):
     with pytest.raises(ConfigError, match=needle):
         cfg.train_config({key: value})
+
+
+def test_config_changes_name_each_key_and_skip_the_allowed_ones():
+    old = {"train": {"lr": 0.001, "epochs": 3, "progress": True}, "model": {"name": "mmoe"}}
+    new = {
+        "train": {"lr": 0.002, "epochs": 5, "progress": False},
+        "model": {"name": "mmoe", "expert_hidden": (16,)},
+    }
+    assert cfg.config_changes(old, new) == [
+        "model.expert_hidden: (unset) -> [16]",
+        "train.lr: 0.001 -> 0.002",
+    ]
+    assert "train.epochs: 3 -> 5" in cfg.config_changes(old, new, cfg.REUSABLE_KEYS)
+    same = {"train": {"lr": 0.001, "epochs": 9}, "model": {"name": "mmoe"}}
+    assert cfg.config_changes(old, same) == []  # a tuple and its YAML list are the same value

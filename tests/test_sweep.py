@@ -114,6 +114,9 @@ def test_cli_sweep_trains_ranks_and_reuses(tmp_path):
     stamp = (out / "mmoe--fixed" / "seed-1" / "train.log").stat().st_mtime_ns
     assert runner.invoke(app, args).exit_code == 0  # finished runs are read back, not retrained
     assert (out / "mmoe--fixed" / "seed-1" / "train.log").stat().st_mtime_ns == stamp
+    for change in (["--set", "train.lr=0.01"], ["--epochs", "2"]):  # not these runs' results
+        result = runner.invoke(app, [*args, *change])
+        assert result.exit_code == 2 and "trained with another configuration" in result.output
 
 
 @pytest.mark.parametrize(

@@ -10,6 +10,7 @@ from mtlrec import config as cfg
 from mtlrec.balance import build_balancer
 from mtlrec.config import TrainConfig
 from mtlrec.data.encoder import Encoder
+from mtlrec.errors import ConfigError
 from mtlrec.models import build_model
 from mtlrec.train.run import train_run
 from mtlrec.train.trainer import Trainer, TrainingDiverged
@@ -180,3 +181,13 @@ def test_a_validation_task_with_one_class_is_warned_about(tmp_path):
     ]
     assert metrics["valid"]["purchase"]["auc"] is None
     assert metrics["valid"]["click"]["auc"] is not None
+
+
+def test_resume_refuses_a_changed_configuration(files_config, tmp_path):
+    out = tmp_path / "run"
+    train_run(files_config(epochs=1), out, echo=lambda *_: None)
+    with pytest.raises(ConfigError, match=r"cannot resume .*train.lr: 0.001 -> 0.01"):
+        train_run(files_config(epochs=2, lr=0.01), out, resume=True, echo=lambda *_: None)
+    lines: list[str] = []
+    train_run(files_config(epochs=2), out, resume=True, echo=lines.append)  # only longer
+    assert any(line.startswith("resumed from") for line in lines)

@@ -26,7 +26,7 @@ import torch
 import yaml
 
 from mtlrec.balance import build_balancer
-from mtlrec.config import TrainConfig, split_named, train_config
+from mtlrec.config import TrainConfig, config_changes, split_named, train_config
 from mtlrec.data.datasets import DatasetSplits, load_dataset
 from mtlrec.data.encoder import Encoder
 from mtlrec.data.source import BatchSource
@@ -75,6 +75,15 @@ def _train_run(
     config: dict[str, Any], tcfg: TrainConfig, out: Path, resume: bool, echo
 ) -> dict[str, Any]:
     main = dist.is_main()  # rank 0 (or the only process) writes files and prints
+    if resume:  # checked on rank 0, raised on every rank (none is left in a collective)
+        changes = dist.broadcast_object(_resume_changes(out, config) if main else [])
+        if changes:
+            raise ConfigError(
+                f"{out}: cannot resume a run trained with another configuration ("
+                + "; ".join(changes[:6])
+                + (f"; and {len(changes) - 6} more" if len(changes) > 6 else "")
+                + "); use a new --out, or drop --resume to start over"
+            )
     if main:
         out.mkdir(parents=True, exist_ok=True)
     else:
@@ -198,6 +207,15 @@ def _train_run(
         out / "history.json",
     )
     return metrics
+
+
+def _resume_changes(out: Path, config: dict[str, Any]) -> list[str]:
+    """What differs between the config a checkpoint in ``out`` was trained with and ``config``
+    (keys that only change how long or where it runs, like train.epochs, may differ)."""
+    saved = out / "config.yaml"
+    if not (out / "checkpoint.pt").exists() or not saved.exists():
+        return []
+    return config_changes(yaml.safe_load(saved.read_text()), config)
 
 
 def load_run(run_dir: str | Path) -> tuple[dict[str, Any], Encoder, MTLModel]:
