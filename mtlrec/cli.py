@@ -148,7 +148,9 @@ def sweep(
         str | None, typer.Option(help="Comma-separated balancer names (default: the config's)")
     ] = None,
     seeds: Annotated[str, typer.Option(help="Comma-separated seeds")] = "1,2,3",
-    parallel: Annotated[int, typer.Option(help="Training processes at once (1 thread each)")] = 1,
+    parallel: Annotated[
+        int, typer.Option(help="Training processes at once (cores shared out)")
+    ] = 1,
     force: Annotated[bool, typer.Option(help="Retrain runs that already finished")] = False,
     dataset: DatasetOption = None,
     config: ConfigOption = None,

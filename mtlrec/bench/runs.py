@@ -35,10 +35,12 @@ def train_or_reuse(
     row: dict[str, Any],
     force: bool = False,
     train: bool = True,
+    threads: int = 1,
 ) -> dict[str, Any]:
     """Run ``command`` (an ``mtlrec train ... --out OUT --resume``) unless ``OUT/metrics.json``
     exists; return ``row`` extended with status, split, per-task AUC, parameters, epochs and
-    seconds per epoch. One intra-op thread per process, so ``--parallel K`` uses K cores.
+    seconds per epoch. ``threads`` intra-op threads per process (the benchmarks: one, so
+    ``--parallel K`` uses K cores).
     ``train=False`` only reads finished runs (status "not run" for the others), to report a
     benchmark that was stopped part-way."""
     if force and out.exists():
@@ -48,7 +50,7 @@ def train_or_reuse(
         return {**row, "status": "not run"}
     if not (out / "metrics.json").exists():
         out.mkdir(parents=True, exist_ok=True)
-        env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+        env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
         started = time.perf_counter()
         with (out / "train.log").open("w") as log:
             proc = subprocess.run(list(command), stdout=log, stderr=subprocess.STDOUT, env=env)

@@ -1,8 +1,8 @@
 """Compare models x balancers x seeds on one dataset (`mtlrec sweep`).
 
 Every combination is an ordinary ``mtlrec train`` run in its own folder
-(``OUT/<model>--<balancer>/seed-<seed>``), launched as a separate process with one thread, K at a
-time, so a sweep can be stopped and started again: finished runs are read back, interrupted ones
+(``OUT/<model>--<balancer>/seed-<seed>``), launched as a separate process, K at a time with the
+cores shared out between them, so a sweep can be stopped and started again: finished runs are read back, interrupted ones
 resume from their checkpoint. The summary ranks the configurations by their mean validation
 score (the same figure early stopping maximises), because choosing a winner is model selection
 and belongs to the validation split; the test metrics are reported beside it, never used to rank.
@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import statistics
 import sys
 from collections.abc import Sequence
@@ -67,7 +68,9 @@ def run_jobs(
     jobs: Sequence[Job], train_args: Sequence[str], parallel: int, force: bool = False
 ) -> list[dict[str, Any]]:
     """Train (or reuse) every job; one status row per job, in job order (a job cancelled after
-    every earlier run failed gets the status "not run")."""
+    every earlier run failed gets the status "not run"). The machine's cores are shared out:
+    each of the ``parallel`` processes gets cores // parallel threads."""
+    threads = max(1, (os.cpu_count() or 1) // max(1, parallel))
 
     def run(job: Job) -> dict[str, Any]:
         command = [sys.executable, "-m", "mtlrec.cli", "train", *train_args]
@@ -75,7 +78,7 @@ def run_jobs(
         command += ["--balance", job.balancer] if job.balancer else []
         command += ["--resume", "--quiet"]
         row = {"model": job.model, "balancer": job.balancer, "seed": job.seed}
-        return train_or_reuse(job.out, command, row, force=force)
+        return train_or_reuse(job.out, command, row, force=force, threads=threads)
 
     done = run_all([(job,) for job in jobs], run, max(1, parallel), line=_progress_line)
     by_key = {(r["model"], r["balancer"], r["seed"]): r for r in done}
