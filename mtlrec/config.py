@@ -24,6 +24,7 @@ import yaml
 from mtlrec.errors import ConfigError
 
 SECTIONS = ("dataset", "model", "train", "balance")
+FILE_KEYS = ("train", "valid", "test", "schema")  # the paths of dataset 'files'
 
 
 @dataclass
@@ -200,6 +201,12 @@ def resolve(
     layered = merge(layered, per_model)
     for layer in stack:
         layered = merge(layered, layer)
+    if layered["dataset"].get("name") == "files":
+        # Absolute, so that evaluate / reproduce / export find the files from any directory.
+        for key in FILE_KEYS:
+            value = layered["dataset"].get(key)
+            if isinstance(value, str) and value:
+                layered["dataset"][key] = str(Path(value).expanduser().absolute())
     return layered
 
 

@@ -1,6 +1,7 @@
 """The command-line contract: names, files written, exit status 2 with one line on user errors."""
 
 import json
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -71,6 +72,23 @@ def test_train_own_csv_and_parquet_files_then_evaluate(own_files):
     other.loc[:5, "user"] = "brand-new-user"
     other.to_csv(own_files / "other.csv", index=False)
     result = runner.invoke(app, ["evaluate", str(out), "--data", str(own_files / "other.csv")])
+    assert result.exit_code == 0, result.output
+
+
+def test_a_run_on_relative_paths_evaluates_from_any_directory(own_files, monkeypatch):
+    """The run stores absolute file paths: evaluate (and reproduce, export) work elsewhere."""
+    monkeypatch.chdir(own_files)
+    args = ["train", "--train", "train.csv", "--valid", "valid.parquet", "--test", "test.csv"]
+    args += ["--schema", "schema.yaml", "--model", "shared-bottom", "--epochs", "1"]
+    assert runner.invoke(app, [*args, "--out", "run", "--quiet"]).exit_code == 0
+    saved = yaml.safe_load((own_files / "run" / "config.yaml").read_text())["dataset"]
+    assert Path(saved["train"]).is_absolute()
+    assert Path(saved["train"]).resolve() == (own_files / "train.csv").resolve()
+    assert Path(saved["schema"]).resolve() == (own_files / "schema.yaml").resolve()
+    elsewhere = own_files / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    result = runner.invoke(app, ["evaluate", str(own_files / "run")])
     assert result.exit_code == 0, result.output
 
 
