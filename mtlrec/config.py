@@ -275,8 +275,13 @@ def config_changes(
 
 
 def _flatten(config: dict[str, Any]) -> dict[str, Any]:
-    return {
+    flat = {
         f"{section}.{key}": value
         for section, values in (config or {}).items()
         for key, value in (values or {}).items()
     }
+    for key in FILE_KEYS:  # a run saved with a relative path (older versions) is the same file
+        value = flat.get(f"dataset.{key}")
+        if isinstance(value, str) and value:
+            flat[f"dataset.{key}"] = str(Path(value).expanduser().absolute())
+    return flat

@@ -94,3 +94,6 @@ def test_config_changes_name_each_key_and_skip_the_allowed_ones():
     assert "train.epochs: 3 -> 5" in cfg.config_changes(old, new, cfg.REUSABLE_KEYS)
     same = {"train": {"lr": 0.001, "epochs": 9}, "model": {"name": "mmoe"}}
     assert cfg.config_changes(old, same) == []  # a tuple and its YAML list are the same value
+    relative = {"dataset": {"name": "files", "train": "data/t.csv"}}
+    absolute = cfg.resolve({}, [relative])  # stored absolute from now on
+    assert cfg.config_changes({**absolute, "dataset": relative["dataset"]}, absolute) == []
