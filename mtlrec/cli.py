@@ -152,6 +152,10 @@ def sweep(
         int, typer.Option(help="Training processes at once (cores shared out)")
     ] = 1,
     force: Annotated[bool, typer.Option(help="Retrain runs that already finished")] = False,
+    rank_by: Annotated[
+        str | None,
+        typer.Option(help="Rank by this task's validation metric (default: the early-stop score)"),
+    ] = None,
     dataset: DatasetOption = None,
     config: ConfigOption = None,
     set_: SetOption = None,
@@ -263,7 +267,10 @@ def sweep(
         _fail(exc)
     err.print(f"sweep: {len(jobs)} runs, {parallel} at a time, in {out}", highlight=False)
     statuses = run_jobs(jobs, train_args, parallel, force=force)
-    summary = summarise(jobs, statuses)
+    try:
+        summary = summarise(jobs, statuses, rank_by)
+    except MTLRecError as exc:
+        _fail(exc)
     command = "mtlrec sweep " + shlex.join(sys.argv[2:]) if len(sys.argv) > 2 else "mtlrec sweep"
     out.mkdir(parents=True, exist_ok=True)
     (out / SUMMARY_JSON).write_text(json.dumps(summary, indent=2, default=str))
@@ -280,7 +287,8 @@ def sweep(
 def _print_sweep(summary: dict[str, Any]) -> None:
     rows = summary["configurations"]
     tasks = list(dict.fromkeys(t for r in rows for t in r["test"]))
-    table = Table(title="sweep: ranked by mean validation score (test reported, not used)")
+    by = f"{summary['rank_by']} validation metric" if summary.get("rank_by") else "validation score"
+    table = Table(title=f"sweep: ranked by mean {by} (test reported, not used)")
     for name in ["rank", "configuration", "seeds", "valid score"] + [f"test {t}" for t in tasks]:
         table.add_column(name, justify="left" if name == "configuration" else "right")
     for i, r in enumerate(rows, 1):

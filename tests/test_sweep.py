@@ -56,6 +56,19 @@ def test_ranking_is_on_validation_and_differences_are_paired_by_seed(tmp_path):
     assert "| b + ew | -0.0067 ± 0.0088 (n=3) | +0.0000 ± 0.0000 (n=3) |" in text
 
 
+def test_rank_by_one_task_uses_that_tasks_validation_metric(tmp_path):
+    jobs = plan(tmp_path, ["a", "b"], ["ew"], [1])
+    _fake_run(jobs[0].out, {"x": 0.70, "y": 0.90}, {"x": 0.6, "y": 0.9})  # better on y
+    _fake_run(jobs[1].out, {"x": 0.85, "y": 0.80}, {"x": 0.6, "y": 0.9})  # better on x and mean
+    ok = [{"status": "ok"}] * 2
+    assert [r["config"] for r in summarise(jobs, ok)["configurations"]] == ["b + ew", "a + ew"]
+    by_y = summarise(jobs, ok, rank_by="y")
+    assert [r["config"] for r in by_y["configurations"]] == ["a + ew", "b + ew"]
+    assert "validation AUC of task `y`" in markdown(by_y, "cmd")
+    with pytest.raises(ConfigError, match="--rank-by 'z' is not a task .* its tasks are x, y"):
+        summarise(jobs, ok, rank_by="z")
+
+
 def test_failed_runs_are_listed_and_left_out_of_the_means(tmp_path):
     jobs = plan(tmp_path, ["a"], ["ew"], [1, 2])
     _fake_run(jobs[0].out, {"x": 0.7}, {"x": 0.6})

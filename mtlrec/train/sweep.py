@@ -94,9 +94,13 @@ def _progress_line(row: dict[str, Any]) -> str:
     return f"{name}: {row['status']}"
 
 
-def summarise(jobs: Sequence[Job], statuses: Sequence[dict[str, Any]]) -> dict[str, Any]:
+def summarise(
+    jobs: Sequence[Job], statuses: Sequence[dict[str, Any]], rank_by: str | None = None
+) -> dict[str, Any]:
     """Per configuration: seeds, validation score, per-task test metrics (mean, std, per seed),
-    paired differences to the first configuration; sorted by mean validation score."""
+    paired differences to the first configuration; sorted by mean validation score: the
+    early-stopping figure, or with ``rank_by`` that one task's validation AUC (minus its MSE for
+    a regression task), for when one task (say conversion) is what the product lives on."""
     configs: dict[str, dict[str, Any]] = {}
     failed = []
     for job, status in zip(jobs, statuses):
@@ -112,15 +116,30 @@ def summarise(jobs: Sequence[Job], statuses: Sequence[dict[str, Any]]) -> dict[s
         history = json.loads((job.out / "history.json").read_text())
         config = yaml.safe_load((job.out / "config.yaml").read_text())
         monitor = config["train"].get("monitor", "auc")
+        if rank_by is None:
+            score = monitor_value(metrics["valid"], monitor)
+        elif rank_by in metrics["valid"]:
+            name, value = _headline(metrics["valid"][rank_by])
+            score = value if name == "auc" else -value
+        else:
+            raise ConfigError(
+                f"--rank-by {rank_by!r} is not a task of {job.out}; its tasks are "
+                f"{', '.join(metrics['valid'])}"
+            )
         entry["seeds"][job.seed] = {
-            "valid_score": monitor_value(metrics["valid"], monitor),
+            "valid_score": score,
             "test": {t: _headline(m) for t, m in (metrics.get("test") or {}).items()},
             "epochs": len(history.get("epochs") or []),
         }
     reference = next(iter(configs.values()), None)
     rows = [_config_row(name, c, reference) for name, c in configs.items()]
     ranked = sorted(rows, key=lambda r: -_or(r["valid_score"]["mean"], -math.inf))
-    return {"configurations": ranked, "reference": next(iter(configs), None), "failed": failed}
+    return {
+        "configurations": ranked,
+        "reference": next(iter(configs), None),
+        "failed": failed,
+        "rank_by": rank_by,
+    }
 
 
 def _config_row(name: str, c: dict[str, Any], reference: dict[str, Any] | None) -> dict[str, Any]:
@@ -197,9 +216,9 @@ def markdown(summary: dict[str, Any], command: str) -> str:
         "",
         f"Command: `{command}`",
         "",
-        "Ranked by mean validation score (mean validation AUC over binary tasks, or minus the "
-        "mean validation loss: the early-stopping figure); the test columns are reported, not "
-        "used to rank. Mean ± sample standard deviation over seeds.",
+        _ranking_sentence(summary.get("rank_by"))
+        + "; the test columns are reported, not used to rank. Mean ± sample standard deviation "
+        "over seeds.",
         "",
         "| rank | configuration | seeds | valid score | "
         + " | ".join(f"test {t} {metric[t]}" for t in tasks)
@@ -235,6 +254,18 @@ def markdown(summary: dict[str, Any], command: str) -> str:
         lines += ["", "Failed runs (see each folder's train.log):", ""]
         lines += [f"- `{f['run']}`: {f['status']}" for f in summary["failed"]]
     return "\n".join(lines) + "\n"
+
+
+def _ranking_sentence(rank_by: str | None) -> str:
+    if rank_by:
+        return (
+            f"Ranked by the mean validation AUC of task `{rank_by}` (minus its MSE for a "
+            "regression task)"
+        )
+    return (
+        "Ranked by mean validation score (mean validation AUC over binary tasks, or minus the "
+        "mean validation loss: the early-stopping figure)"
+    )
 
 
 def _num(value: float | None, digits: int = 4) -> str:
