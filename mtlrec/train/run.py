@@ -27,6 +27,7 @@ import yaml
 
 from mtlrec.balance import build_balancer
 from mtlrec.config import TrainConfig, config_changes, split_named, train_config
+from mtlrec.data.checks import unseen_value_warnings
 from mtlrec.data.datasets import DatasetSplits, load_dataset
 from mtlrec.data.encoder import Encoder
 from mtlrec.data.source import BatchSource
@@ -125,7 +126,11 @@ def _train_run(
     valid = encoder.transform(valid_frame, where=_where(valid_frame, "valid"))
     if len(train) == 0 or len(valid) == 0:
         raise DataError("the train and validation splits need at least one row each")
-    for line in undefined_auc_warnings(schema, valid.labels, _where(valid_frame, "valid")):
+    valid_where = _where(valid_frame, "valid")
+    for line in undefined_auc_warnings(schema, valid.labels, valid_where):
+        echo(line)
+    in_memory = train if isinstance(train, TensorTable) else None
+    for line in unseen_value_warnings(encoder, valid, valid_frame, valid_where, in_memory):
         echo(line)
     load_seconds = time.perf_counter() - started
 
