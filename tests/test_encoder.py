@@ -111,6 +111,22 @@ def test_unseen_values_at_evaluation_never_crash(funnel_schema):
     assert (table.cat[:, 0] == enc.layout().field_offsets[0]).all()  # all OOV
 
 
+def test_binary_labels_written_as_true_false_read_as_one_zero():
+    schema = Schema([Feature("c")], [Task("y"), Task("r", type="regression")])
+    frame = pd.DataFrame(
+        {"c": ["a"] * 4, "y": ["true", "False", " TRUE ", "0"], "r": ["1.5", "2", "0", "1"]}
+    )
+    table = Encoder(schema).fit(frame).transform(frame)
+    assert table.labels[:, 0].tolist() == [1.0, 0.0, 1.0, 0.0]
+    frame.loc[2, "y"] = "yes"
+    with pytest.raises(DataError, match="column 'y' row 2: 'yes'"):
+        Encoder(schema).fit(frame).transform(frame)
+    frame.loc[2, "y"] = "1"
+    frame.loc[1, "r"] = "true"  # a regression target is a number, never a boolean
+    with pytest.raises(DataError, match="column 'r' row 1: 'true' is not a number"):
+        Encoder(schema).fit(frame).transform(frame)
+
+
 @pytest.mark.parametrize(
     "column, value, needle",
     [

@@ -189,7 +189,10 @@ class Encoder:
     def _labels(self, frame: pd.DataFrame, where: str, first_row: int = 0) -> np.ndarray:
         out = np.zeros((len(frame), len(self.schema.tasks)), dtype=np.float64)
         for j, task in enumerate(self.schema.tasks):
-            values = _to_float(frame[task.source], where, task.source, first_row)
+            column = frame[task.source]
+            if task.type == "binary":
+                column = _booleans_as_numbers(column)
+            values = _to_float(column, where, task.source, first_row)
             bad = ~np.isfinite(values)
             if task.type == "binary":
                 bad |= (values != 0) & (values != 1)
@@ -303,6 +306,17 @@ def _bucket(values: np.ndarray, edges: list[float]) -> np.ndarray:
     """0 = missing, 1.. = quantile interval (right-closed)."""
     ids = np.searchsorted(np.asarray(edges, dtype=np.float64), values, side="left") + 1
     return np.where(np.isfinite(values), ids, 0).astype(np.int64)
+
+
+BOOLEAN_TEXT = {"true": "1", "false": "0"}  # as Spark, BigQuery and pandas write booleans
+
+
+def _booleans_as_numbers(column: pd.Series) -> pd.Series:
+    """A binary label written as true/false (any case) reads as 1/0; anything else unchanged."""
+    if pd.api.types.is_bool_dtype(column) or pd.api.types.is_numeric_dtype(column):
+        return column
+    lowered = column.astype(str).str.strip().str.lower()
+    return column.mask(lowered.isin(BOOLEAN_TEXT), lowered.map(BOOLEAN_TEXT))
 
 
 def _cell(value: Any) -> str:
