@@ -277,6 +277,14 @@ def _stream_path(config: dict[str, Any], tcfg: TrainConfig) -> str | None:
 
     name, options = split_named(config["dataset"], "dataset")
     path = options.get("train") if name == "files" else None
+    if name == "files" and any(options.get(k) for k in SPLIT_KEYS):
+        if tcfg.stream:
+            raise ConfigError(
+                "train.stream: dataset.valid_fraction / test_fraction / split_by cut the "
+                "training file in memory; give separate dataset.valid / dataset.test files to "
+                "stream dataset.train"
+            )
+        return None  # the split needs the whole file in memory, whatever its size
     if tcfg.stream:
         if not path or not is_parquet(path):
             raise ConfigError(
@@ -288,6 +296,9 @@ def _stream_path(config: dict[str, Any], tcfg: TrainConfig) -> str | None:
     if path and is_parquet(path) and data_size_mb(path) > tcfg.stream_threshold_mb:
         return str(path)
     return None
+
+
+SPLIT_KEYS = ("valid_fraction", "test_fraction", "split_by")
 
 
 def _eval_frames(config: dict[str, Any]):
