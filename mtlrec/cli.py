@@ -172,25 +172,34 @@ def sweep(
     runs are reused and interrupted ones resume, so the same command continues a stopped sweep."""
     import shlex
 
-    import yaml
-
     from mtlrec import config as cfg
-    from mtlrec.balance.base import describe_balancers
-    from mtlrec.models.base import build_config
-    from mtlrec.models.registry import model_class
     from mtlrec.train.sweep import (
         SUMMARY_JSON,
         SUMMARY_MD,
         SUMMARY_PNG,
+        check_config,
+        check_names,
         markdown,
         plan,
         run_jobs,
+        stale_runs,
         summarise,
         write_figure,
     )
 
     def names(text: str | None) -> list[str]:
         return [x.strip() for x in (text or "").split(",") if x.strip()]
+
+    def resolved(model: str, balancer: str | None, seed: int | None = None) -> dict[str, Any]:
+        """The config ``mtlrec train`` will resolve for one run of the sweep."""
+        return cfg.resolve(
+            user,
+            _train_overrides(
+                dataset=dataset, model=model, set_=set_, epochs=epochs, max_rows=max_rows,
+                seed=seed, balance=balancer, train_file=train_file, valid_file=valid_file,
+                test_file=test_file, schema=schema,
+            ),
+        )  # fmt: skip
 
     try:
         model_names = names(models)
@@ -199,16 +208,22 @@ def sweep(
             seed_values = [int(x) for x in names(seeds)]
         except ValueError:
             raise MTLRecError(f"--seeds {seeds!r}: expected comma-separated integers") from None
-        for m in model_names:
-            model_class(m)  # an unknown name fails now, not after the first runs
-        known = describe_balancers()
-        unknown = [b for b in balancer_names if b is not None and b not in known]
-        if unknown:
-            raise MTLRecError(
-                f"unknown balancer(s) {', '.join(unknown)}; choose from: {', '.join(sorted(known))}"
-            )
         if parallel < 1:
             raise MTLRecError("--parallel must be >= 1")
+        check_names(model_names, balancer_names)  # unknown names fail now, not mid-sweep
+        user = cfg.load_yaml(config) if config else {}
+        for m in model_names:  # every key and value too
+            for b in balancer_names:
+                check_config(resolved(m, b))
+        if balancer_names == [None]:  # name the configured balancer in folders and tables
+            balancer_names = [resolved(model_names[0], None)["balance"]["name"]]
+        jobs = plan(out, model_names, balancer_names, seed_values)
+        stale = [] if force else stale_runs(jobs, lambda j: resolved(j.model, j.balancer, j.seed))
+        if stale:  # a finished run of another config must not be read back as this one
+            raise MTLRecError(
+                f"{len(stale)} run(s) in {out} were trained with another configuration, e.g. "
+                f"{stale[0]}; use --force to retrain them, or another --out"
+            )
         train_args: list[str] = []
         for flag, value in (
             ("--dataset", dataset),
@@ -224,45 +239,6 @@ def sweep(
                 train_args += [flag, str(value)]
         for item in set_ or []:
             train_args += ["--set", item]
-        user = cfg.load_yaml(config) if config else {}
-        for m in model_names:  # every key and value checked before any run starts
-            for b in balancer_names:
-                overrides = _train_overrides(
-                    dataset=dataset, model=m, set_=set_, epochs=epochs, max_rows=max_rows,
-                    seed=None, balance=b, train_file=train_file, valid_file=valid_file,
-                    test_file=test_file, schema=schema,
-                )  # fmt: skip
-                resolved = cfg.resolve(user, overrides)
-                options = {k: v for k, v in resolved["model"].items() if k != "name"}
-                build_config(model_class(m).Config, options, m)
-        if balancer_names == [None]:  # name the configured balancer in folders and tables
-            balancer_names = [resolved["balance"]["name"]]
-        jobs = plan(out, model_names, balancer_names, seed_values)
-        if not force:  # a finished run of another config must not be read back as this one
-            stale = []
-            for job in jobs:
-                saved = job.out / "config.yaml"
-                if saved.exists():
-                    overrides = _train_overrides(
-                        dataset=dataset, model=job.model, set_=set_, epochs=epochs,
-                        max_rows=max_rows, seed=job.seed, balance=job.balancer,
-                        train_file=train_file, valid_file=valid_file, test_file=test_file,
-                        schema=schema,
-                    )  # fmt: skip
-                    expected = cfg.resolve(user, overrides)
-                    finished = (job.out / "metrics.json").exists()
-                    changes = cfg.config_changes(
-                        yaml.safe_load(saved.read_text()),
-                        expected,
-                        cfg.REUSABLE_KEYS if finished else cfg.RESUMABLE_KEYS,
-                    )
-                    if changes:
-                        stale.append(f"{job.out} ({changes[0]})")
-            if stale:
-                raise MTLRecError(
-                    f"{len(stale)} run(s) in {out} were trained with another configuration, e.g. "
-                    f"{stale[0]}; use --force to retrain them, or another --out"
-                )
     except MTLRecError as exc:
         _fail(exc)
     err.print(f"sweep: {len(jobs)} runs, {parallel} at a time, in {out}", highlight=False)

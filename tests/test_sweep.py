@@ -139,6 +139,7 @@ def test_cli_sweep_trains_ranks_and_reuses(tmp_path):
         (["--models", "mmoe", "--balancers", "pcgrd"], "unknown balancer(s) pcgrd"),
         (["--models", "mmoe", "--seeds", "1,x"], "expected comma-separated integers"),
         (["--models", "mmoe", "--set", "model.dropout=2"], "model.dropout must be in [0, 1)"),
+        (["--models", "mmoe", "--set", "train.lr=-1"], "train.lr must be > 0"),
     ],
 )
 def test_cli_sweep_checks_everything_before_training(tmp_path, extra, needle):

@@ -18,15 +18,19 @@ import math
 import os
 import statistics
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from mtlrec.balance.base import describe_balancers
 from mtlrec.bench.runs import run_all, train_or_reuse
+from mtlrec.config import RESUMABLE_KEYS, REUSABLE_KEYS, config_changes, split_named, train_config
 from mtlrec.errors import ConfigError
+from mtlrec.models.base import build_config
+from mtlrec.models.registry import model_class
 from mtlrec.train.metrics import monitor_value
 
 SUMMARY_JSON = "sweep.json"
@@ -62,6 +66,45 @@ def plan(
         for b in balancers
         for s in seeds
     ]
+
+
+def check_names(models: Sequence[str], balancers: Sequence[str | None]) -> None:
+    """Unknown model or balancer names, as one ConfigError naming the choices."""
+    for m in models:
+        model_class(m)
+    known = describe_balancers()
+    unknown = [b for b in balancers if b is not None and b not in known]
+    if unknown:
+        raise ConfigError(
+            f"unknown balancer(s) {', '.join(unknown)}; choose from: {', '.join(sorted(known))}"
+        )
+
+
+def check_config(config: dict[str, Any]) -> None:
+    """What can be checked of a run's config without its data: the train section and the
+    model's option keys, types and common ranges."""
+    train_config(config["train"])
+    name, options = split_named(config["model"], "model")
+    build_config(model_class(name).Config, options, name)
+
+
+def stale_runs(jobs: Sequence[Job], expected: Callable[[Job], dict[str, Any]]) -> list[str]:
+    """Runs already in their folder whose saved config differs from ``expected(job)``, each with
+    its first difference. A finished run is a result: its epochs and patience count too."""
+    stale = []
+    for job in jobs:
+        saved = job.out / "config.yaml"
+        if not saved.exists():
+            continue
+        finished = (job.out / "metrics.json").exists()
+        changes = config_changes(
+            yaml.safe_load(saved.read_text()),
+            expected(job),
+            REUSABLE_KEYS if finished else RESUMABLE_KEYS,
+        )
+        if changes:
+            stale.append(f"{job.out} ({changes[0]})")
+    return stale
 
 
 def run_jobs(
