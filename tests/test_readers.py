@@ -73,3 +73,15 @@ def test_a_folder_of_parquet_files_reads_as_one_table(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(DataError, match="empty: a folder without .parquet files"):
         read_frame(tmp_path / "empty")
+
+
+@pytest.mark.parametrize(
+    "sep, needle",
+    [(";", "separated by ';', not ','; set it with --set 'dataset.sep=;'"), ("\t", "by tabs")],
+)
+def test_another_separator_is_recognised_and_named(tmp_path, sep, needle):
+    path = tmp_path / "data.csv"
+    pd.DataFrame({"user": ["a", "b"], "click": [0, 1]}).to_csv(path, sep=sep, index=False)
+    with pytest.raises(DataError, match=needle):
+        read_frame(path, columns=["user", "click"])
+    assert read_frame(path, columns=["user", "click"], sep=sep)["user"].tolist() == ["a", "b"]

@@ -75,8 +75,24 @@ def read_frame(
     frame.columns = [str(c).strip() for c in frame.columns]
     frame.attrs["source"] = str(path)
     if columns is not None:
+        _check_separator(frame, columns, path, sep)
         require_columns(frame, columns, path)
     return frame
+
+
+def _check_separator(frame: pd.DataFrame, columns: list[str], path: Path, sep: str) -> None:
+    """One column whose name holds the wanted names joined by another character: the file uses
+    another separator (a semicolon CSV from a European Excel, a TSV)."""
+    if len(frame.columns) != 1 or columns[0] in frame.columns:
+        return
+    header = str(frame.columns[0])
+    for other, yaml_value in ((";", ";"), ("\t", '"\\t"'), ("|", "|"), (",", ",")):
+        if other != sep and sum(c in header.split(other) for c in columns) >= min(2, len(columns)):
+            name = "tabs" if other == "\t" else repr(other)
+            raise DataError(
+                f"{path}: the header {header[:60]!r} looks separated by {name}, not {sep!r}; "
+                f"set it with --set 'dataset.sep={yaml_value}'"
+            )
 
 
 def require_columns(frame: pd.DataFrame, columns: list[str], where: str | Path) -> None:
