@@ -1,5 +1,5 @@
-"""benchmarks/reproduce/run.py: fingerprints the lowest seed of each configuration, replays
-them from the committed file and reports which no longer match."""
+"""benchmarks/reproduce/run.py: fingerprints every finished run, replays them (or, --quick, the
+lowest seed of each configuration) from the committed file and reports which no longer match."""
 
 import importlib.util
 import json
@@ -10,7 +10,7 @@ from tests.conftest import copy_run
 REPO = Path(__file__).resolve().parents[1]
 
 
-def test_benchmark_records_lowest_seeds_and_replays_them(finished_run, tmp_path):
+def test_benchmark_records_every_seed_and_replays_them(finished_run, tmp_path):
     spec = importlib.util.spec_from_file_location(
         "reproduce_benchmark", REPO / "benchmarks" / "reproduce" / "run.py"
     )
@@ -30,10 +30,13 @@ def test_benchmark_records_lowest_seeds_and_replays_them(finished_run, tmp_path)
     common = ["--benchmarks", "bench", "--fingerprints", str(prints_file)]
     assert reproduce.main([*common, "--record", "--runs-root", str(tmp_path)]) == 0
     prints = json.loads(prints_file.read_text())
-    assert [p["run"] for p in prints] == ["mmoe-seed1", "other-seed3"]
+    assert [p["run"] for p in prints] == ["mmoe-seed1", "mmoe-seed2", "other-seed3"]
     assert reproduce.main([*common, "--parallel", "2", "--results-dir", str(results)]) == 0
     rows = {r["run"]: r for r in json.loads((results / "results.json").read_text())}
-    assert rows["mmoe-seed1"]["status"] == "identical"
+    assert rows["mmoe-seed1"]["status"] == rows["mmoe-seed2"]["status"] == "identical"
     assert rows["other-seed3"]["status"] == "training differs"
     markdown = (results / "RESULTS.md").read_text()
-    assert "1 identical, 1 training differs" in markdown
+    assert "2 identical, 1 training differs" in markdown
+    assert reproduce.main([*common, "--quick", "--results-dir", str(results)]) == 0
+    quick = [r["run"] for r in json.loads((results / "results.json").read_text())]
+    assert quick == ["mmoe-seed1", "other-seed3"]  # the lowest seed of each configuration

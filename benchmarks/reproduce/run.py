@@ -4,15 +4,17 @@ Why: every table under benchmarks/ is made of training runs (config, seed, per-e
 When the code changes what training computes (a fused kernel, another summation order, a new
 initialisation), the committed numbers can no longer be reproduced with their own command, and
 nothing says so. The run folders themselves are not committed (checkpoints are large), so
-``--record`` stores each benchmark configuration's fingerprint in ``fingerprints.json``: the
-resolved config of its lowest-seed run and that run's first-epoch training losses and
-validation metrics. Without ``--record`` this trains every fingerprinted config again for those
-epochs (``mtlrec.train.replay``) and reports which still match bit for bit, from a clean
-checkout.
+``--record`` stores every finished run's fingerprint in ``fingerprints.json``: its resolved
+config and its first-epoch training losses and validation metrics. Without ``--record`` this
+trains every fingerprinted run again for those epochs (``mtlrec.train.replay``) and reports which
+still match bit for bit, from a clean checkout. Every seed is recorded, not one per
+configuration: a benchmark where only some seeds were re-run after a change would otherwise pass.
+``--quick`` replays the lowest seed of each configuration only (a third of the time).
 
 Usage::
 
     python benchmarks/reproduce/run.py                 # replay fingerprints.json, 2 at a time
+    python benchmarks/reproduce/run.py --quick         # one seed per configuration
     python benchmarks/reproduce/run.py --benchmarks census zoo --parallel 1
     python benchmarks/reproduce/run.py --record        # after re-running a benchmark
 
@@ -44,19 +46,25 @@ DEFAULT_BENCHMARKS = ("census", "zoo", "balance", "cascade")
 _SEED = re.compile(r"-seed(\d+)$")
 
 
-def lowest_seed_runs(folder: Path) -> list[Path]:
-    """Finished runs in ``folder`` (config.yaml and history.json present), one per
-    configuration: the lowest seed, since the seeds of a configuration run the same code."""
-    lowest: dict[str, tuple[int, Path]] = {}
-    for history in sorted(folder.glob("*/history.json")):
-        run = history.parent
-        if not (run / "config.yaml").exists():
-            continue
-        match = _SEED.search(run.name)
-        key, seed = (run.name[: match.start()], int(match.group(1))) if match else (run.name, 0)
+def finished_runs(folder: Path) -> list[Path]:
+    """Runs in ``folder`` with config.yaml and history.json, sorted by name."""
+    return sorted(
+        h.parent for h in folder.glob("*/history.json") if (h.parent / "config.yaml").exists()
+    )
+
+
+def lowest_seeds(prints: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One fingerprint per configuration (benchmark and run name without ``-seedN``): the
+    lowest seed's, in the original order."""
+    lowest: dict[tuple[str, str], tuple[int, int]] = {}
+    for i, fp in enumerate(prints):
+        match = _SEED.search(fp["run"])
+        name, seed = (fp["run"][: match.start()], int(match.group(1))) if match else (fp["run"], 0)
+        key = (fp["benchmark"], name)
         if key not in lowest or seed < lowest[key][0]:
-            lowest[key] = (seed, run)
-    return sorted(run for _, run in lowest.values())
+            lowest[key] = (seed, i)
+    keep = {i for _, i in lowest.values()}
+    return [fp for i, fp in enumerate(prints) if i in keep]
 
 
 def record(benchmarks: list[str], epochs: int, root: Path = BENCHMARKS) -> list[dict[str, Any]]:
@@ -68,7 +76,7 @@ def record(benchmarks: list[str], epochs: int, root: Path = BENCHMARKS) -> list[
         folder = root / name / "runs"
         if not folder.is_dir():
             raise SystemExit(f"{folder}: no runs to record (run the benchmark first)")
-        for run in lowest_seed_runs(folder):
+        for run in finished_runs(folder):
             prints.append({"benchmark": name, "run": run.name, **fingerprint(run, epochs)})
     return prints
 
@@ -98,9 +106,10 @@ def write_markdown(path: Path, rows: list[dict[str, Any]], args: argparse.Namesp
         f"Hardware: {describe()}; {args.parallel} replay(s) at a time, each with its run's own "
         "thread count (1).",
         "",
-        "For each benchmark configuration, `fingerprints.json` holds the resolved config of its "
-        "lowest-seed run and that run's first-epoch training loss and validation AUC / log loss "
-        "per task. The config (same seed, same data) is trained again for that epoch and every "
+        "For every run of every benchmark (each seed; `--quick`: the lowest seed of each "
+        "configuration), `fingerprints.json` holds its resolved config and its first-epoch "
+        "training loss and validation AUC / log loss per task. The config (same seed, same data) "
+        "is trained again for that epoch and every "
         "figure is compared bit for bit. 'evaluation differs': the training losses match and only "
         "the validation figures moved (the evaluation code changed in the last bits); 'training "
         "differs': the benchmark's numbers cannot be reproduced with the current code and its "
@@ -159,6 +168,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--epochs", type=int, default=1, help="epochs to fingerprint (--record)")
     parser.add_argument("--parallel", type=int, default=2, help="replays at a time")
+    parser.add_argument(
+        "--quick", action="store_true", help="replay the lowest seed of each configuration only"
+    )
     parser.add_argument("--fingerprints", type=Path, default=FINGERPRINTS)
     parser.add_argument("--results-dir", type=Path, default=HERE)
     parser.add_argument("--runs-root", type=Path, default=BENCHMARKS, help=argparse.SUPPRESS)
@@ -179,6 +191,8 @@ def main(argv: list[str] | None = None) -> int:
     prints = [
         fp for fp in json.loads(args.fingerprints.read_text()) if fp["benchmark"] in args.benchmarks
     ]
+    if args.quick:
+        prints = lowest_seeds(prints)
     print(f"{len(prints)} runs, {args.parallel} at a time", file=sys.stderr)
     rows = replay_all(prints, args.parallel)
     args.results_dir.mkdir(parents=True, exist_ok=True)

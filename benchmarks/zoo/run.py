@@ -236,7 +236,7 @@ def write_markdown(
         lines += ["", "## Notes", "", *(f"- {note}" for note in args.note)]
     lines += [
         "",
-        "Per-run numbers: `runs.json`; per-run logs: each run folder's `train.log` (run folders are not committed; `make bench-reproduce` re-checks each configuration from its committed fingerprint).",
+        "Per-run numbers: `runs.json`; per-run logs: each run folder's `train.log` (run folders are not committed; `make bench-reproduce` re-checks every run from its committed fingerprint).",
         "",
     ]
     path.write_text("\n".join(lines))
