@@ -40,3 +40,12 @@ def test_benchmark_records_every_seed_and_replays_them(finished_run, tmp_path):
     assert reproduce.main([*common, "--quick", "--results-dir", str(results)]) == 0
     quick = [r["run"] for r in json.loads((results / "results.json").read_text())]
     assert quick == ["mmoe-seed1", "other-seed3"]  # the lowest seed of each configuration
+    # after re-running one run: replay just it and update its row, keeping the others
+    assert (
+        reproduce.main(
+            [*common, "--runs", "bench/other-*", "--merge", "--results-dir", str(results)]
+        )
+        == 0
+    )
+    merged = {r["run"]: r["status"] for r in json.loads((results / "results.json").read_text())}
+    assert merged == {"mmoe-seed1": "identical", "other-seed3": "training differs"}

@@ -15,6 +15,7 @@ Usage::
 
     python benchmarks/reproduce/run.py                 # replay fingerprints.json, 2 at a time
     python benchmarks/reproduce/run.py --quick         # one seed per configuration
+    python benchmarks/reproduce/run.py --runs 'census/aitm-*' --merge   # after re-running some
     python benchmarks/reproduce/run.py --benchmarks census zoo --parallel 1
     python benchmarks/reproduce/run.py --record        # after re-running a benchmark
 
@@ -32,6 +33,7 @@ import subprocess
 import sys
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from datetime import date
+from fnmatch import fnmatch
 from multiprocessing import get_context
 from pathlib import Path
 from typing import Any
@@ -154,6 +156,13 @@ def replay_all(prints: list[dict[str, Any]], parallel: int) -> list[dict[str, An
     return [rows[i] for i in range(len(prints))]
 
 
+def merged_rows(old: list[dict[str, Any]], new: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """``old`` rows with the runs ``new`` replayed replaced (in place), new runs appended."""
+    fresh = {_label(r): r for r in new}
+    rows = [fresh.pop(_label(r), r) for r in old]
+    return rows + list(fresh.values())
+
+
 def _label(fp: dict[str, Any]) -> str:
     return f"{fp['benchmark']}/{fp['run']}"
 
@@ -170,6 +179,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--parallel", type=int, default=2, help="replays at a time")
     parser.add_argument(
         "--quick", action="store_true", help="replay the lowest seed of each configuration only"
+    )
+    parser.add_argument(
+        "--runs", nargs="+", default=None, help="replay only BENCHMARK/RUN names matching these"
+    )
+    parser.add_argument(
+        "--merge", action="store_true", help="update these rows of results.json, keep the others"
     )
     parser.add_argument("--fingerprints", type=Path, default=FINGERPRINTS)
     parser.add_argument("--results-dir", type=Path, default=HERE)
@@ -193,8 +208,13 @@ def main(argv: list[str] | None = None) -> int:
     ]
     if args.quick:
         prints = lowest_seeds(prints)
+    if args.runs:
+        prints = [fp for fp in prints if any(fnmatch(_label(fp), pat) for pat in args.runs)]
     print(f"{len(prints)} runs, {args.parallel} at a time", file=sys.stderr)
     rows = replay_all(prints, args.parallel)
+    previous = args.results_dir / "results.json"
+    if args.merge and previous.exists():
+        rows = merged_rows(json.loads(previous.read_text()), rows)
     args.results_dir.mkdir(parents=True, exist_ok=True)
     (args.results_dir / "results.json").write_text(json.dumps(rows, indent=2) + "\n")
     write_markdown(args.results_dir / "RESULTS.md", rows, args)
