@@ -152,9 +152,12 @@ def write_markdown(rows: list[dict]) -> None:
         "layer, which also changed the order of the experts' dropout draws, and the "
         "`index_select` embedding lookup), so those rows were re-run; MMoE and OMoE were re-run "
         "after their gates and the experts' first layer moved into one GEMM. Single-task, "
-        "Shared-Bottom and AITM are earlier runs whose training replays bit for bit (their "
-        "validation AUC differs from the replay's in the 8th decimal or later: the evaluation "
-        "code changed). `python benchmarks/census/run.py --models cgc ple esmm` re-runs just "
+        "Shared-Bottom and AITM were re-run later: their first epoch replayed for seed 1, but "
+        "not for every seed, and their later epochs no longer matched: they predated commit "
+        "46f9be0 (index_select lookup, fused Adam), and a two-epoch run of the same config at "
+        "the commits before and after it keeps epoch 1 and moves epoch 2. "
+        "`python benchmarks/census/run.py --models cgc ple esmm` "
+        "re-runs just "
         "those rows and keeps the others.",
         "",
         "| model | income AUC | never-married AUC | epochs run (best) | s/epoch | parameters |",
