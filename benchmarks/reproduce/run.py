@@ -115,7 +115,16 @@ def write_markdown(path: Path, rows: list[dict[str, Any]], args: argparse.Namesp
         "figure is compared bit for bit. 'evaluation differs': the training losses match and only "
         "the validation figures moved (the evaluation code changed in the last bits); 'training "
         "differs': the benchmark's numbers cannot be reproduced with the current code and its "
-        "rows need a re-run.",
+        "rows need a re-run. A first-epoch replay cannot see a change that acts only from the "
+        "second epoch on (it missed one: runs made before commit 46f9be0 kept their first epoch "
+        "and moved from the second, found with `mtlrec reproduce RUN --epochs 3`); "
+        "`--record --epochs 2` fingerprints two epochs, at twice the replay time."
+        + (
+            " With `--merge`, only the runs matching `--runs` were replayed by this command; the "
+            "other rows come from the previous replay in results.json."
+            if getattr(args, "merge", False)
+            else ""
+        ),
         "",
         f"Summary: {counts}.",
         "",
