@@ -38,8 +38,8 @@ from mtlrec.schema import Schema
 from mtlrec.train import distributed as dist
 from mtlrec.train.checkpoint import save_json, save_text, save_torch
 from mtlrec.train.diagnostics import DIAGNOSTICS_FILE, GradientMonitor
-from mtlrec.train.metrics import undefined_auc_warnings
-from mtlrec.train.trainer import EpochRecord, Trainer, evaluate
+from mtlrec.train.metrics import task_metrics, undefined_auc_warnings
+from mtlrec.train.trainer import EpochRecord, Trainer, evaluate, predict
 
 log = logging.getLogger(__name__)
 
@@ -123,10 +123,10 @@ def _train_run(
             lambda: Encoder(schema).fit(splits.train, where=_where(splits.train, "train"))
         )
         train = encoder.transform(splits.train, where=_where(splits.train, "train"))
-    valid = encoder.transform(valid_frame, where=_where(valid_frame, "valid"))
+    valid_where = _where(valid_frame, "valid")
+    valid = encoder.transform(valid_frame, where=valid_where)
     if len(train) == 0 or len(valid) == 0:
         raise DataError("the train and validation splits need at least one row each")
-    valid_where = _where(valid_frame, "valid")
     for line in undefined_auc_warnings(schema, valid.labels, valid_where):
         echo(line)
     in_memory = train if isinstance(train, TensorTable) else None
@@ -254,8 +254,6 @@ def _evaluate_file(
     model: MTLModel, encoder: Encoder, data: str, batch: int
 ) -> dict[str, dict[str, float]]:
     from mtlrec.data.stream import file_chunks
-    from mtlrec.train.metrics import task_metrics
-    from mtlrec.train.trainer import predict
 
     rows, chunks = file_chunks(data, encoder.schema.required_columns())
     if rows == 0:
