@@ -17,6 +17,9 @@ from mtlrec.errors import DataError
 NA_TOKENS = frozenset({"", "nan", "NaN", "NAN", "NA", "N/A", "null", "NULL", "None", "?"})
 
 
+PARQUET_SUFFIXES = (".parquet", ".pq")
+
+
 def read_frame(
     path: str | Path,
     *,
@@ -38,7 +41,7 @@ def read_frame(
     try:
         if path.is_dir():
             frame = _read_parquet_folder(path, columns, max_rows)
-        elif suffixes.endswith((".parquet", ".pq")):
+        elif suffixes.endswith(PARQUET_SUFFIXES):
             frame = _read_parquet(path, columns, max_rows)
         else:
             with warnings.catch_warnings():
@@ -95,6 +98,14 @@ def _check_separator(frame: pd.DataFrame, columns: list[str], path: Path, sep: s
             )
 
 
+def is_parquet(path: str | Path) -> bool:
+    """A Parquet file, or a folder holding Parquet files."""
+    p = Path(path)
+    if p.is_dir():
+        return any(f.suffix.lower() in PARQUET_SUFFIXES for f in p.rglob("*") if f.is_file())
+    return "".join(p.suffixes).lower().endswith(PARQUET_SUFFIXES)
+
+
 def require_columns(frame: pd.DataFrame, columns: list[str], where: str | Path) -> None:
     missing = [c for c in columns if c not in frame.columns]
     if missing:
@@ -109,7 +120,7 @@ def _read_parquet(path: Path, columns: list[str] | None, max_rows: int | None) -
     import pyarrow.parquet as pq
 
     pf = pq.ParquetFile(path)
-    read_cols = _parquet_columns(path, pf.schema_arrow.names, columns)
+    read_cols = parquet_columns(path, pf.schema_arrow.names, columns)
     if max_rows is None:
         table = pf.read(columns=read_cols)
     else:
@@ -133,16 +144,16 @@ def _read_parquet_folder(
     them, which is the order the streaming reader uses too."""
     import pyarrow.dataset as ds
 
-    if not any(f.suffix.lower() in (".parquet", ".pq") for f in path.rglob("*") if f.is_file()):
+    if not is_parquet(path):
         raise DataError(f"{path}: a folder without .parquet files")
     dataset = ds.dataset(str(path), format="parquet")
-    read_cols = _parquet_columns(path, dataset.schema.names, columns)
+    read_cols = parquet_columns(path, dataset.schema.names, columns)
     if max_rows is None:
         return dataset.to_table(columns=read_cols).to_pandas()
     return dataset.head(max_rows, columns=read_cols).to_pandas()
 
 
-def _parquet_columns(path: Path, present: list[str], columns: list[str] | None) -> list[str] | None:
+def parquet_columns(path: Path, present: list[str], columns: list[str] | None) -> list[str] | None:
     """The columns to read (None: all), after checking that each requested one exists."""
     if columns is None:
         return None

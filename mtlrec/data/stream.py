@@ -38,24 +38,15 @@ import pandas as pd
 import torch
 
 from mtlrec.data.encoder import ENCODER_VERSION, Encoder, _as_text, _numeric, _tokens
-from mtlrec.data.readers import read_frame
+from mtlrec.data.readers import is_parquet, parquet_columns, read_frame
 from mtlrec.data.table import TensorTable
 from mtlrec.errors import DataError
 from mtlrec.schema import Schema
 
-PARQUET_SUFFIXES = (".parquet", ".pq")
 #: Raw rows read and encoded at a time (one record batch).
 READ_ROWS = 16384
 #: Values kept per numeric column to estimate quantile bucket edges in a streaming fit.
 RESERVOIR = 100_000
-
-
-def is_parquet(path: str | Path) -> bool:
-    """A Parquet file, or a folder holding Parquet files."""
-    p = Path(path)
-    if p.is_dir():
-        return any(f.suffix.lower() in PARQUET_SUFFIXES for f in p.rglob("*") if f.is_file())
-    return "".join(p.suffixes).lower().endswith(PARQUET_SUFFIXES)
 
 
 def data_size_mb(path: str | Path) -> float:
@@ -93,13 +84,7 @@ class _Files:
         self.read_rows = int(read_rows)
         try:
             dataset = ds.dataset(str(self.path), format="parquet")
-            present = set(dataset.schema.names)
-            missing = [c for c in self.columns if c not in present]
-            if missing:
-                raise DataError(
-                    f"{self.path}: missing column(s) {', '.join(repr(c) for c in missing)}; "
-                    f"found {', '.join(sorted(present)[:12])}"
-                )
+            parquet_columns(self.path, dataset.schema.names, self.columns)
             pieces: list[_Piece] = []
             nullable_ints: set[str] = set()
             budget = math.inf if max_rows is None else int(max_rows)

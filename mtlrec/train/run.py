@@ -271,7 +271,8 @@ def _evaluate_file(
 def _stream_path(config: dict[str, Any], tcfg: TrainConfig) -> str | None:
     """The training Parquet file or folder to stream, or None to load the split in memory:
     with ``train.stream``, or automatically above ``train.stream_threshold_mb``."""
-    from mtlrec.data.stream import data_size_mb, is_parquet
+    from mtlrec.data.readers import is_parquet
+    from mtlrec.data.stream import data_size_mb
 
     name, options = split_named(config["dataset"], "dataset")
     path = options.get("train") if name == "files" else None
