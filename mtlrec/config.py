@@ -203,11 +203,18 @@ def resolve(
         layered = merge(layered, layer)
     if layered["dataset"].get("name") == "files":
         # Absolute, so that evaluate / reproduce / export find the files from any directory.
-        for key in FILE_KEYS:
-            value = layered["dataset"].get(key)
-            if isinstance(value, str) and value:
-                layered["dataset"][key] = str(Path(value).expanduser().absolute())
+        layered["dataset"] = _absolute_files(layered["dataset"])
     return layered
+
+
+def _absolute_files(dataset: dict[str, Any]) -> dict[str, Any]:
+    """``dataset`` with its file paths (FILE_KEYS) made absolute, relative to this directory."""
+    return {
+        key: str(Path(value).expanduser().absolute())
+        if key in FILE_KEYS and isinstance(value, str) and value
+        else value
+        for key, value in dataset.items()
+    }
 
 
 def train_config(section: dict[str, Any]) -> TrainConfig:
@@ -275,13 +282,11 @@ def config_changes(
 
 
 def _flatten(config: dict[str, Any]) -> dict[str, Any]:
-    flat = {
+    config = dict(config or {})
+    # A run saved with a relative path (older versions) names the same file.
+    config["dataset"] = _absolute_files(config.get("dataset") or {})
+    return {
         f"{section}.{key}": value
-        for section, values in (config or {}).items()
+        for section, values in config.items()
         for key, value in (values or {}).items()
     }
-    for key in FILE_KEYS:  # a run saved with a relative path (older versions) is the same file
-        value = flat.get(f"dataset.{key}")
-        if isinstance(value, str) and value:
-            flat[f"dataset.{key}"] = str(Path(value).expanduser().absolute())
-    return flat
