@@ -187,9 +187,6 @@ def sweep(
         write_figure,
     )
 
-    def names(text: str | None) -> list[str]:
-        return [x.strip() for x in (text or "").split(",") if x.strip()]
-
     def resolved(model: str, balancer: str | None, seed: int | None = None) -> dict[str, Any]:
         """The config ``mtlrec train`` will resolve for one run of the sweep."""
         return cfg.resolve(
@@ -202,10 +199,10 @@ def sweep(
         )  # fmt: skip
 
     try:
-        model_names = names(models)
-        balancer_names: list[str | None] = list(names(balancers)) or [None]
+        model_names = _comma_list([models])
+        balancer_names: list[str | None] = list(_comma_list([balancers])) or [None]
         try:
-            seed_values = [int(x) for x in names(seeds)]
+            seed_values = [int(x) for x in _comma_list([seeds])]
         except ValueError:
             raise MTLRecError(f"--seeds {seeds!r}: expected comma-separated integers") from None
         if parallel < 1:
@@ -258,6 +255,11 @@ def sweep(
     console.print(f"wrote {', '.join(map(str, wrote))}", highlight=False)
     if summary["failed"]:
         raise typer.Exit(1)
+
+
+def _comma_list(items: list[str | None]) -> list[str]:
+    """The names in options written ``a,b`` and/or repeated, in order, blanks dropped."""
+    return [x.strip() for item in items for x in (item or "").split(",") if x.strip()]
 
 
 def _print_sweep(summary: dict[str, Any]) -> None:
@@ -323,7 +325,7 @@ def predict(
     """Score every row of a file: per-task predictions (pred_<task>, pred_<task>_joint)."""
     from mtlrec.train.predict_file import predict_file
 
-    columns = [c.strip() for item in keep or [] for c in item.split(",") if c.strip()]
+    columns = _comma_list(keep or [])
     try:
         summary = predict_file(
             run_dir, data, out, keep=columns, fusion=fusion, batch_size=batch_size, progress=True

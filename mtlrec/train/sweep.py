@@ -47,7 +47,11 @@ class Job:
 
     @property
     def config_name(self) -> str:
-        return f"{self.model} + {self.balancer or 'configured'}"
+        return f"{self.model} + {_balancer_label(self.balancer)}"
+
+
+def _balancer_label(balancer: str | None) -> str:
+    return balancer or "configured"
 
 
 def plan(
@@ -61,7 +65,7 @@ def plan(
         if dup:
             raise ConfigError(f"sweep: --{name} lists {', '.join(dup)} twice")
     return [
-        Job(m, b, s, out / f"{m}--{b or 'configured'}" / f"seed-{s}")
+        Job(m, b, s, out / f"{m}--{_balancer_label(b)}" / f"seed-{s}")
         for m in models
         for b in balancers
         for s in seeds
@@ -121,6 +125,7 @@ def run_jobs(
         command += ["--balance", job.balancer] if job.balancer else []
         command += ["--resume", "--quiet"]
         row = {"model": job.model, "balancer": job.balancer, "seed": job.seed}
+        row["config"] = job.config_name
         return train_or_reuse(job.out, command, row, force=force, threads=threads)
 
     done = run_all([(job,) for job in jobs], run, max(1, parallel), line=_progress_line)
@@ -133,8 +138,7 @@ def run_jobs(
 
 
 def _progress_line(row: dict[str, Any]) -> str:
-    name = f"{row['model']} + {row['balancer'] or 'configured'}, seed {row['seed']}"
-    return f"{name}: {row['status']}"
+    return f"{row['config']}, seed {row['seed']}: {row['status']}"
 
 
 def summarise(
