@@ -5,11 +5,15 @@ editing this file. Each cell is tiny (three steps of 96 rows): the point is that
 (parameter groups, auxiliary losses, custom optimizers), not that it learns. A model gets the
 first tiny funnel it accepts: click -> purchase, else click -> cart + click -> purchase (ESM²'s
 D-action layout); one that accepts neither fails.
+
+``MTLREC_TEST_DEVICE=cuda`` runs the same matrix on a GPU (model, batches and optimizer state on
+the device), which is how the CUDA path of every pair is checked where a GPU is lent.
 """
 
 from __future__ import annotations
 
 import math
+import os
 
 import numpy as np
 import pytest
@@ -26,6 +30,7 @@ from tests.conftest import FUNNEL_SCHEMA, funnel_frame
 MODELS = list(describe_models())
 BALANCERS = list(describe_balancers())
 STEPS = 3
+DEVICE = torch.device(os.environ.get("MTLREC_TEST_DEVICE", "cpu"))
 SCHEMAS = {
     "click -> purchase": FUNNEL_SCHEMA,
     "click -> cart, click -> purchase": {
@@ -85,6 +90,7 @@ def test_the_matrix_covers_the_registries():
 def test_model_trains_with_balancer(model_name, balancer_name, funnels):
     torch.manual_seed(0)
     model, table = build_on_first_fit(model_name, funnels)
+    model, table = model.to(DEVICE), table.to(DEVICE)
     balancer = build_balancer(balancer_name, model)
     params = trainable(model.parameters())
     optimizer = balancer.make_optimizer(params, lr=0.01, weight_decay=0.0) or torch.optim.Adam(
@@ -106,5 +112,6 @@ def test_model_trains_with_balancer(model_name, balancer_name, funnels):
         if steps == STEPS:
             break
     assert steps == STEPS
+    assert all(p.device.type == DEVICE.type for p in params)
     assert all(torch.isfinite(p).all() for p in params)
     assert any(not torch.equal(p.detach(), b) for p, b in zip(params, before))

@@ -23,7 +23,9 @@ pinning the installed torch, so torch is never touched (:func:`ensure_peers`).
 from __future__ import annotations
 
 import argparse
+import functools
 import importlib
+import importlib.util
 import json
 import os
 import resource
@@ -32,6 +34,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import traceback
 from pathlib import Path
 
 import numpy as np
@@ -88,6 +91,7 @@ CONFIGS = {
     },
 }
 IMPLEMENTED = list(CONFIGS)
+WARMUP_ROWS = 20_000  # CUDA: one untimed run per library and model/config before the timed ones
 
 
 # --------------------------------------------------------------------------------------------
@@ -123,6 +127,7 @@ def ensure_peers() -> None:
 # --------------------------------------------------------------------------------------------
 # data (identical for all libraries)
 # --------------------------------------------------------------------------------------------
+@functools.lru_cache(maxsize=2)  # the in-process GPU mode builds the same data for every run
 def make_data(rows: int, seed: int = 0):
     """40 label-encoded categorical fields (values 0..VOCAB-1), 2 dense, 2 binary tasks.
 
@@ -186,6 +191,26 @@ def matmul_gflops(n: int = 2048, seconds: float = 2.0) -> float:
         a @ b
         done += 1
     return 2 * n**3 * done / (time.perf_counter() - start) / 1e9
+
+
+def cuda_matmul_gflops(dtype_name: str = "fp32", n: int = 8192, reps: int = 20) -> float:
+    """A large square matrix product on the GPU, timed with CUDA events after warm-up, on
+    random data. fp32 means true fp32 (TF32 off, torch's default for matmul)."""
+    import torch
+
+    dtype = torch.bfloat16 if dtype_name == "bf16" else torch.float32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    a = torch.randn(n, n, device="cuda", dtype=dtype)
+    b = torch.randn(n, n, device="cuda", dtype=dtype)
+    for _ in range(3):
+        a @ b
+    start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(reps):
+        a @ b
+    stop.record()
+    torch.cuda.synchronize()
+    return 2 * n**3 * reps / (start.elapsed_time(stop) / 1e3) / 1e9
 
 
 # --------------------------------------------------------------------------------------------
@@ -276,7 +301,7 @@ def build_rechub(model_name: str, cfg: dict):
     raise ValueError(model_name)
 
 
-def build_deepctr(model_name: str, cfg: dict):
+def build_deepctr(model_name: str, cfg: dict, device: str = "cpu"):
     from deepctr_torch.inputs import DenseFeat, SparseFeat
     from deepctr_torch.models import MMOE
 
@@ -300,7 +325,7 @@ def build_deepctr(model_name: str, cfg: dict):
         dnn_use_bn=False,
         task_types=("binary", "binary"),
         task_names=("t0", "t1"),
-        device="cpu",
+        device=device,
     )
     return model, columns
 
@@ -362,10 +387,23 @@ def _auc(labels: np.ndarray, probs: np.ndarray) -> float:
 
 
 def worker(spec: dict) -> dict:
+    """One measurement. On CUDA every clock starts and stops on a synchronised device, and
+    the peak memory is the device's (``torch.cuda.max_memory_allocated`` since a reset)."""
     import torch
 
     torch.set_num_threads(THREADS)
     torch.manual_seed(spec["seed"])
+    device = spec.get("device", "cpu")
+    cuda = device.startswith("cuda")
+    peer_device = "cuda:0" if device == "cuda" else device
+
+    def sync() -> None:
+        if cuda:
+            torch.cuda.synchronize()
+
+    if cuda:
+        sync()
+        torch.cuda.reset_peak_memory_stats()
     cfg = CONFIGS[spec["model"]][spec["config"]]
     (tc, td, ty), (vc, vd, vy) = make_data(spec["rows"], seed=0)
     esmm = spec["model"] == "esmm"
@@ -374,15 +412,18 @@ def worker(spec: dict) -> dict:
         ty, vy = esmm_labels(ty), esmm_labels(vy)
     lib = spec["lib"]
     res: dict = {"lib": lib}
-    if lib in ("mtlrec", "mtlrec-compiled", "mtlrec-bf16"):
+    if lib in ("mtlrec", "mtlrec-compiled", "mtlrec-bf16", "mtlrec-nosync"):
         from mtlrec.balance import build_balancer
         from mtlrec.config import TrainConfig
         from mtlrec.train.trainer import Trainer, predict
 
         model, layout = build_mtlrec(spec["model"], cfg)
-        train = mtlrec_table(tc, td, ty, layout)
-        valid = mtlrec_table(vc, vd, vy, layout)
+        model = model.to(device)
+        # As `mtlrec train` does: the splits are moved to the device once, batches are slices.
+        train = mtlrec_table(tc, td, ty, layout).to(device)
+        valid = mtlrec_table(vc, vd, vy, layout).to(device)
         settings = dict(
+            device=device,
             epochs=1,
             batch_size=TRAIN_BATCH,
             eval_batch_size=INFER_BATCH,
@@ -399,17 +440,25 @@ def worker(spec: dict) -> dict:
             warm = train.head(2 * TRAIN_BATCH + TRAIN_BATCH // 2)
             Trainer(model, build_balancer("ew", model), TrainConfig(**settings)).fit(warm, valid)
         trainer = Trainer(model, build_balancer("ew", model), TrainConfig(**settings))
+        if lib == "mtlrec-nosync":
+            # What the per-step finite-loss check costs: on CUDA its `if bad.any()` waits for
+            # the device every step. This variant skips the check (measurement only).
+            trainer._check_finite = lambda *args: None
         base = _rss_mb()
+        sync()
+        # The epoch clock ends after `loss_sum.cpu()`, which waits for the device.
         fit = trainer.fit(train, valid)
         res["train_s"] = fit.history[0].seconds
         res["train_peak_mb"] = _rss_mb()
         with torch.no_grad():
+            sync()
             start = time.perf_counter()
             predict(model, train, INFER_BATCH)
+            sync()
             res["infer_s"] = time.perf_counter() - start
             cond, joint = predict(model, valid, INFER_BATCH)
         # ESMM: CTR and CTCVR (entire-space) AUC, as torch-rechub's ESMM is scored below.
-        res["valid_auc"] = _auc(vy, (joint if esmm else cond).numpy())
+        res["valid_auc"] = _auc(vy, (joint if esmm else cond).cpu().numpy())
     elif lib == "rechub":
         from torch.utils.data import DataLoader
         from torch_rechub.trainers import MTLTrainer
@@ -439,20 +488,24 @@ def worker(spec: dict) -> dict:
                 optimizer_params={"lr": 1e-3, "weight_decay": 0.0},
                 n_epoch=1,
                 model_path=tmp,
+                device=peer_device,
             )
             base = _rss_mb()
+            sync()
             start = time.perf_counter()
             trainer.train_one_epoch(train_dl)
+            sync()
             res["train_s"] = time.perf_counter() - start
             res["train_peak_mb"] = _rss_mb()
             infer_dl = DataLoader(PredictDataset(xt), batch_size=INFER_BATCH, shuffle=False)
             start = time.perf_counter()
             trainer.predict(model, infer_dl)
+            sync()
             res["infer_s"] = time.perf_counter() - start
             scores = trainer.evaluate(model, valid_dl)  # ESMM: [cvr, ctr, ctcvr]; cvr untrained
             res["valid_auc"] = float(np.mean(scores[1:] if esmm else scores))
     elif lib == "deepctr":
-        model, _ = build_deepctr(spec["model"], cfg)
+        model, _ = build_deepctr(spec["model"], cfg, peer_device)
         cats, dens = feature_names()
         x = {n: tc[:, i] + 1 for i, n in enumerate(cats)}
         x.update({n: td[:, i] for i, n in enumerate(dens)})
@@ -460,8 +513,10 @@ def worker(spec: dict) -> dict:
         for group in model.optim.param_groups:
             group["lr"] = 1e-3
         base = _rss_mb()
+        sync()
         start = time.perf_counter()
         model.fit(x, ty, batch_size=TRAIN_BATCH, epochs=1, verbose=0, shuffle=True)
+        sync()
         res["train_s"] = time.perf_counter() - start
         res["train_peak_mb"] = _rss_mb()
         xv = {n: vc[:, i] + 1 for i, n in enumerate(cats)}
@@ -471,6 +526,8 @@ def worker(spec: dict) -> dict:
         raise ValueError(lib)
     res["setup_peak_mb"] = base
     res["peak_mb"] = _rss_mb()
+    if cuda:
+        res["gpu_peak_mb"] = torch.cuda.max_memory_allocated() / 2**20
     res["train_rows"] = len(ty)
     res["train_sps"] = len(ty) / res["train_s"]
     if "infer_s" in res:
@@ -516,10 +573,36 @@ def main(argv=None) -> int:
     )
     ap.add_argument(
         "--compiled-models",
-        default="mmoe",
-        help="comma list of models also timed with train.compile (torch.compile); '' for none",
+        default=None,
+        help="comma list of models also timed with train.compile (torch.compile); '' for none "
+        "(default: mmoe on the CPU, none on CUDA)",
     )
-    ap.add_argument("--results-dir", default=str(HERE))
+    ap.add_argument(
+        "--device",
+        default="cpu",
+        help="cpu, or cuda: every library trains on the GPU; the runs alternate in one process "
+        "(after one untimed warm-up run per library), and peak memory is the GPU's",
+    )
+    ap.add_argument(
+        "--in-process",
+        action="store_true",
+        help="run every measurement in this process, as --device cuda does (for trying the "
+        "GPU mode's code path on a CPU)",
+    )
+    ap.add_argument(
+        "--nosync-models",
+        default=None,
+        help="comma list of models also timed without the trainer's per-step finite-loss "
+        "check (what that check costs; default: mmoe on CUDA, none on the CPU)",
+    )
+    ap.add_argument(
+        "--budget-s",
+        type=float,
+        default=None,
+        help="stop starting new model/config pairs after this many seconds (results so far "
+        "are written after every pair)",
+    )
+    ap.add_argument("--results-dir", default=None, help="default: benchmarks/speed[/gpu]")
     ap.add_argument("--timeout", type=float, default=3600, help="seconds per measurement")
     ap.add_argument("--render", action="store_true", help="re-render RESULTS.md from saved JSON")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
@@ -529,10 +612,26 @@ def main(argv=None) -> int:
         print("RESULT " + json.dumps(worker(json.loads(args.worker))), flush=True)
         return 0
     if args.render:
-        render_saved(Path(args.results_dir))
+        gpu_dir = args.device.startswith("cuda")
+        render_saved(Path(args.results_dir or (HERE / "gpu" if gpu_dir else HERE)))
         return 0
 
-    ensure_peers()
+    cuda = args.device.startswith("cuda")
+    in_process = cuda or args.in_process
+    if args.compiled_models is None:
+        args.compiled_models = "" if cuda else "mmoe"
+    if args.nosync_models is None:
+        args.nosync_models = "mmoe" if cuda else ""
+    results_dir = Path(args.results_dir or (HERE / "gpu" if cuda else HERE))
+    started = time.perf_counter()
+    missing_peers = []
+    try:
+        ensure_peers()
+    except Exception as exc:  # noqa: BLE001 - on a machine without a registry, run what is there
+        if not cuda:
+            raise
+        missing_peers = [m for m in PEERS if importlib.util.find_spec(m) is None]
+        print(f"peers not installable ({exc}); missing: {missing_peers}", flush=True)
     import torch
 
     from mtlrec.bench.hardware import describe
@@ -543,40 +642,102 @@ def main(argv=None) -> int:
     for m in models:
         if m not in IMPLEMENTED:
             ap.error(f"model {m!r} not implemented (have {IMPLEMENTED})")
+    if cuda and not torch.cuda.is_available():
+        ap.error(f"--device {args.device}: CUDA is not available")
     load_before = os.getloadavg()
     if load_before[0] > 0.5:
         print(f"warning: load average {load_before[0]:.2f} before the run; timings will be noisy")
-    gflops = matmul_gflops()
-    print(f"fp32 matmul 2048x2048, {THREADS} threads: {gflops:.1f} GFLOP/s", flush=True)
+    extra_meta: dict = {"device": "cuda" if cuda else "cpu"}
+    if cuda:
+        gflops = cuda_matmul_gflops("fp32")
+        extra_meta["matmul_gflops_bf16"] = round(cuda_matmul_gflops("bf16"), 1)
+        props = torch.cuda.get_device_properties(0)
+        extra_meta["gpu"] = (
+            f"{props.name}, {props.total_memory / 2**30:.0f} GiB, {props.multi_processor_count} "
+            f"SMs; CUDA {torch.version.cuda}"
+        )
+        print(
+            f"{extra_meta['gpu']}: fp32 matmul 8192^3 {gflops:.0f} GFLOP/s, bf16 "
+            f"{extra_meta['matmul_gflops_bf16']:.0f} GFLOP/s",
+            flush=True,
+        )
+    else:
+        gflops = matmul_gflops()
+        print(f"fp32 matmul 2048x2048, {THREADS} threads: {gflops:.1f} GFLOP/s", flush=True)
 
-    rows, details = [], []
+    def measure(spec: dict) -> dict | None:
+        """A fresh process per measurement on the CPU; in this process on CUDA, where a
+        failing library is reported and the run goes on."""
+        if not in_process:
+            return run_worker(spec, args.timeout)
+        try:
+            return worker(spec)
+        except Exception:  # noqa: BLE001
+            print(f"FAILED {spec}:\n{traceback.format_exc()}", flush=True)
+            return None
+
+    rows, details, skipped = [], [], []
+
+    def save() -> None:
+        meta = {
+            "hardware": describe(),
+            **extra_meta,
+            "matmul_gflops": round(gflops, 1),
+            "threads": THREADS,
+            "rows": args.rows,
+            "train_rows": int(args.rows * 0.9),
+            "repeats": args.repeats,
+            "loadavg_1m_before_after": [round(load_before[0], 2), round(os.getloadavg()[0], 2)],
+            "batch_train": TRAIN_BATCH,
+            "batch_infer": INFER_BATCH,
+            "seconds": round(time.perf_counter() - started, 1),
+            "skipped": skipped,
+            "command": " ".join(["python", "benchmarks/speed/run.py", *(argv or sys.argv[1:])]),
+        }
+        results_dir.mkdir(parents=True, exist_ok=True)
+        write_results(results_dir, meta, rows, details)
+
     for model_name in models:
         for config in configs:
+            if args.budget_s and time.perf_counter() - started > args.budget_s:
+                skipped.append(f"{model_name}/{config}")
+                print(f"budget spent: skipping {model_name}/{config}", flush=True)
+                continue
             cfg = CONFIGS[model_name][config]
             counts = param_counts(model_name, cfg)
-            libs = ["mtlrec", "rechub"]
-            if model_name == "mmoe" and not args.no_deepctr:
+            libs = ["mtlrec"]
+            if "torch_rechub" not in missing_peers:
+                libs.append("rechub")
+            if (
+                model_name == "mmoe"
+                and not args.no_deepctr
+                and "deepctr_torch" not in missing_peers
+            ):
                 libs.append("deepctr")
             if model_name in args.compiled_models.split(","):
                 libs.append("mtlrec-compiled")
             if model_name in args.bf16_models.split(","):
                 libs.append("mtlrec-bf16")
+            if model_name in args.nosync_models.split(","):
+                libs.append("mtlrec-nosync")
+            base_spec = {"model": model_name, "config": config, "device": args.device}
+            if in_process:  # untimed: CUDA context, cuBLAS handles, kernel selection, pools
+                for lib in list(libs):
+                    if measure({**base_spec, "lib": lib, "rows": WARMUP_ROWS, "seed": 99}) is None:
+                        libs.remove(lib)
             runs = {lib: [] for lib in libs}
             for rep in range(args.repeats):  # alternate A B (C) A B (C)
                 for lib in libs:
-                    spec = {
-                        "lib": lib,
-                        "model": model_name,
-                        "config": config,
-                        "rows": args.rows,
-                        "seed": rep,
-                    }
-                    r = run_worker(spec, args.timeout)
+                    spec = {**base_spec, "lib": lib, "rows": args.rows, "seed": rep}
+                    r = measure(spec)
+                    if r is None:
+                        continue
                     runs[lib].append(r)
+                    peak = r.get("gpu_peak_mb", r["peak_mb"])
                     print(
                         f"{model_name}/{config} rep {rep} {lib}: train {r['train_sps']:.0f} sps"
                         + (f", infer {r['infer_sps']:.0f} sps" if "infer_sps" in r else "")
-                        + f", peak {r['peak_mb']:.0f} MB, auc {r['valid_auc']:.4f}",
+                        + f", peak {peak:.0f} MB, auc {r['valid_auc']:.4f}",
                         flush=True,
                     )
 
@@ -586,7 +747,9 @@ def main(argv=None) -> int:
             mt_sps, rh_sps = med("mtlrec", "train_sps"), med("rechub", "train_sps")
             co_sps = med("mtlrec-compiled", "train_sps")
             bf_sps = med("mtlrec-bf16", "train_sps")
+            ns_sps = med("mtlrec-nosync", "train_sps")
             ceiling = gflops * 1e9 / counts["flops_per_sample"]
+            peak_key = "gpu_peak_mb" if cuda else "peak_mb"
             rows.append(
                 {
                     "model": model_name,
@@ -598,8 +761,8 @@ def main(argv=None) -> int:
                     "rechub_infer_sps": rnd(med("rechub", "infer_sps")),
                     "ceiling_sps": rnd(ceiling),
                     "ceiling_fraction": rnd(mt_sps / ceiling, 4) if mt_sps else None,
-                    "mtlrec_peak_mb": rnd(med("mtlrec", "peak_mb")),
-                    "rechub_peak_mb": rnd(med("rechub", "peak_mb")),
+                    "mtlrec_peak_mb": rnd(med("mtlrec", peak_key)),
+                    "rechub_peak_mb": rnd(med("rechub", peak_key)),
                     "mtlrec_valid_auc": rnd(med("mtlrec", "valid_auc"), 4),
                     "rechub_valid_auc": rnd(med("rechub", "valid_auc"), 4),
                     "deepctr_train_sps": rnd(med("deepctr", "train_sps")),
@@ -611,8 +774,22 @@ def main(argv=None) -> int:
                     "bf16_train_sps": rnd(bf_sps),
                     "bf16_ratio": rnd(bf_sps / rh_sps, 3) if bf_sps and rh_sps else None,
                     "bf16_valid_auc": rnd(med("mtlrec-bf16", "valid_auc"), 4),
+                    # CUDA only: what the trainer's per-step finite-loss check costs
+                    "nosync_train_sps": rnd(ns_sps),
                 }
             )
+            if cuda:
+                rows[-1]["deepctr_peak_mb"] = rnd(med("deepctr", peak_key))
+                rows[-1]["bf16_ceiling_fraction"] = (
+                    rnd(
+                        bf_sps
+                        * counts["flops_per_sample"]
+                        / (extra_meta["matmul_gflops_bf16"] * 1e9),
+                        5,
+                    )
+                    if bf_sps
+                    else None
+                )
             details.append(
                 {
                     "model": model_name,
@@ -622,22 +799,10 @@ def main(argv=None) -> int:
                     "runs": runs,
                 }
             )
+            if in_process:  # a run cut short by its time limit still leaves each finished pair
+                save()
 
-    out = Path(args.results_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    meta = {
-        "hardware": describe(),
-        "matmul_gflops": round(gflops, 1),
-        "threads": THREADS,
-        "rows": args.rows,
-        "train_rows": int(args.rows * 0.9),
-        "repeats": args.repeats,
-        "loadavg_1m_before_after": [round(load_before[0], 2), round(os.getloadavg()[0], 2)],
-        "batch_train": TRAIN_BATCH,
-        "batch_infer": INFER_BATCH,
-        "command": " ".join(["python", "benchmarks/speed/run.py", *(argv or sys.argv[1:])]),
-    }
-    write_results(out, meta, rows, details)
+    save()
     return 0
 
 
@@ -795,18 +960,39 @@ PROFILE_NOTES = [
 ]
 
 
+def _fmt(v) -> str:
+    if v is None:
+        return "—"
+    if isinstance(v, float):  # counts with separators; AUCs and ratios as stored, 4 places
+        return f"{v:,.0f}" if v >= 100 else f"{v:.4g}" if v >= 1 else f"{v:.4f}"
+    return str(v)
+
+
+def _table(rows: list[dict], columns: list[tuple[str, str]]) -> list[str]:
+    """A Markdown table of ``rows``: one (key, header) per column."""
+    lines = ["| " + " | ".join(h for _, h in columns) + " |", "|" + "---|" * len(columns)]
+    return lines + ["| " + " | ".join(_fmt(r.get(k)) for k, _ in columns) + " |" for r in rows]
+
+
+def _param_lines(details: list[dict]) -> list[str]:
+    lines = ["Parameter counts (asserted equal after the documented differences):", ""]
+    for d in details:
+        dc = f", DeepCTR {d['deepctr_params']:,}" if "deepctr_params" in d else ""
+        lines.append(
+            f"- {d['model']}/{d['config']} {d['config_values']}: mtlrec {d['mtlrec_params']:,} "
+            f"(dense {d['dense_params']:,}; incl. {d['mtlrec_padding_params']} padding-row), "
+            f"torch-rechub {d['rechub_params']:,} (incl. {d['rechub_batchnorm_params']:,} "
+            f"BatchNorm){dc}; dense FLOPs/sample (fwd+bwd) {d['flops_per_sample']:,}"
+        )
+    return lines
+
+
 def render_md(meta: dict, rows: list[dict], details: list[dict]) -> str:
-    def fmt(v):
-        if v is None:
-            return "—"
-        if isinstance(v, float):  # counts with separators; AUCs and ratios as stored, 4 places
-            return f"{v:,.0f}" if v >= 100 else f"{v:.4g}" if v >= 1 else f"{v:.4f}"
-        return str(v)
+    if meta.get("device") == "cuda":
+        return render_gpu_md(meta, rows, details)
 
     def table(columns: list[tuple[str, str]]) -> list[str]:
-        """A Markdown table of ``rows``: one (key, header) per column."""
-        lines = ["| " + " | ".join(h for _, h in columns) + " |", "|" + "---|" * len(columns)]
-        return lines + ["| " + " | ".join(fmt(r.get(k)) for k, _ in columns) + " |" for r in rows]
+        return _table(rows, columns)
 
     cols = [
         ("model", "model"),
@@ -860,15 +1046,7 @@ def render_md(meta: dict, rows: list[dict], details: list[dict]) -> str:
             "",
             *table(extra),
         ]
-    lines += ["", "Parameter counts (asserted equal after the documented differences):", ""]
-    for d in details:
-        dc = f", DeepCTR {d['deepctr_params']:,}" if "deepctr_params" in d else ""
-        lines.append(
-            f"- {d['model']}/{d['config']} {d['config_values']}: mtlrec {d['mtlrec_params']:,} "
-            f"(dense {d['dense_params']:,}; incl. {d['mtlrec_padding_params']} padding-row), "
-            f"torch-rechub {d['rechub_params']:,} (incl. {d['rechub_batchnorm_params']:,} "
-            f"BatchNorm){dc}; dense FLOPs/sample (fwd+bwd) {d['flops_per_sample']:,}"
-        )
+    lines += ["", *_param_lines(details)]
     lines += ["", "## Bars (issue 3)", "", *bar_lines(rows), ""]
     lines += PROFILE_NOTES
     lines += [
@@ -917,6 +1095,87 @@ def render_md(meta: dict, rows: list[dict], details: list[dict]) -> str:
         "interleaved end to end, Census-sized MMoE +4.7 % at 1 thread and -7 % to +0.5 % at 2 "
         "(three runs), Census-sized PLE +0.6 % at 1 thread and -1.5 % at 2. Too small for a "
         "change that every gated model's committed run would have to follow; not landed.",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+# What the GPU run showed; written after reading its results (details.json), kept here so that
+# `--render --device cuda` reproduces RESULTS.md.
+GPU_NOTES: list[str] = []
+
+
+def render_gpu_md(meta: dict, rows: list[dict], details: list[dict]) -> str:
+    """benchmarks/speed/gpu/RESULTS.md: the same comparison on a GPU, with the bf16 row."""
+    main_cols = [
+        ("model", "model"),
+        ("config", "config"),
+        ("mtlrec_train_sps", "mtlrec train sps"),
+        ("rechub_train_sps", "rechub train sps"),
+        ("train_ratio", "ratio"),
+        ("deepctr_train_sps", "DeepCTR train sps"),
+        ("mtlrec_infer_sps", "mtlrec infer sps"),
+        ("rechub_infer_sps", "rechub infer sps"),
+        ("ceiling_fraction", "mtlrec / fp32 ceiling"),
+        ("mtlrec_peak_mb", "mtlrec GPU peak MB"),
+        ("rechub_peak_mb", "rechub GPU peak MB"),
+        ("mtlrec_valid_auc", "mtlrec AUC"),
+        ("rechub_valid_auc", "rechub AUC"),
+    ]
+    extra_cols = [
+        ("model", "model"),
+        ("config", "config"),
+        ("mtlrec_train_sps", "mtlrec fp32 sps"),
+        ("bf16_train_sps", "train.precision=bf16 sps"),
+        ("bf16_ratio", "bf16 / rechub fp32"),
+        ("bf16_ceiling_fraction", "bf16 / bf16 ceiling"),
+        ("mtlrec_valid_auc", "fp32 AUC"),
+        ("bf16_valid_auc", "bf16 AUC"),
+        ("nosync_train_sps", "fp32 without the per-step finite check sps"),
+    ]
+    skipped = meta.get("skipped") or []
+    lines = [
+        "# Training speed on a GPU: mtlrec vs torch-rechub 0.9.0 (and DeepCTR-Torch 0.3.0, MMoE)",
+        "",
+        f"GPU: {meta['gpu']}; host: {meta['hardware']}; torch CPU threads: {meta['threads']}; "
+        f"measured matmul 8192x8192x8192: fp32 (TF32 off) **{meta['matmul_gflops']:,.0f} "
+        f"GFLOP/s**, bf16 **{meta['matmul_gflops_bf16']:,.0f} GFLOP/s**. The whole run took "
+        f"{meta['seconds']:.0f} s.",
+        "",
+        f"Command: `{meta['command']}`",
+        "",
+        f"Data and models: as in the CPU table (`../RESULTS.md`): {meta['rows']:,} synthetic rows "
+        f"({meta['train_rows']:,} train), {NUM_FIELDS} categorical fields x {VOCAB} values + "
+        f"{NUM_DENSE} dense, 2 binary tasks, one epoch, batch {meta['batch_train']}, Adam lr "
+        f"1e-3; inference batch {meta['batch_infer']}. Every library trains on the GPU, each "
+        "with its own data path (mtlrec: the split moved to the GPU once, batches are slices; "
+        "torch-rechub and DeepCTR-Torch: their DataLoaders, batches copied to the GPU). Median "
+        f"of {meta['repeats']} runs per library, run alternately (A B A B) in one process "
+        "after one untimed warm-up run of each library on 20,000 rows; every clock starts and "
+        "stops on a synchronised device.",
+        "",
+        *_table(rows, main_cols),
+        "",
+        "Opt-in and diagnostic rows, same run ('—': not run):",
+        "",
+        *_table(rows, extra_cols),
+    ]
+    if skipped:
+        lines += ["", f"Not measured (the run's time budget was spent): {', '.join(skipped)}."]
+    lines += ["", *_param_lines(details), "", *GPU_NOTES]
+    lines += [
+        "",
+        "## Method",
+        "",
+        "- **Ceiling**: FLOPs per sample as in the CPU table (6 x the non-embedding weights); "
+        "ceiling = measured 8192^3 matmul rate / FLOPs per sample (fp32 for the fp32 runs, bf16 "
+        "for the bf16 row). These models' matrices are small (batch 1024 x a few hundred), so "
+        "a step is a few hundred short kernels: the GPU waits on the launches and the data "
+        "path, not on arithmetic, and the fractions are small by nature.",
+        "- **Peak memory**: `torch.cuda.max_memory_allocated()` since a reset at the start of "
+        "each run (tensors the library put on the GPU: model, optimizer state, data, "
+        "activations), not process RSS, since all runs share one process.",
+        "- **Model parity**: as in the CPU table; the parameter counts are asserted again here.",
         "",
     ]
     return "\n".join(lines)
