@@ -11,7 +11,7 @@ from mtlrec.balance import build_balancer
 from mtlrec.config import TrainConfig
 from mtlrec.data.encoder import Encoder
 from mtlrec.errors import ConfigError
-from mtlrec.models import build_model
+from mtlrec.models import build_model, describe_models
 from mtlrec.train.run import train_run
 from mtlrec.train.trainer import Trainer, TrainingDiverged
 from tests.conftest import (
@@ -150,6 +150,30 @@ def test_bf16_precision_runs_the_forward_in_bfloat16_and_learns_like_fp32(funnel
     assert seen == {"fp32": {torch.float32}, "bf16": {torch.bfloat16}}
     assert aucs["fp32"] > 0.7, aucs
     assert abs(aucs["bf16"] - aucs["fp32"]) < 0.02, aucs
+
+
+@pytest.mark.parametrize("model_name", sorted(describe_models()))
+def test_bf16_losses_keep_binary_cross_entropy_out_of_autocast(model_name, monkeypatch):
+    """CUDA autocast refuses F.binary_cross_entropy (a loss on probabilities), so on a GPU
+    train.precision=bf16 failed for every entire-space model (ESMM, AITM, ...), while CPU
+    autocast let it through. Here the CPU stands in for CUDA: the patched BCE refuses to run
+    while autocast is on, as CUDA's does, and every model's losses must still come out."""
+    from tests.test_model_balancer_matrix import build_on_first_fit, tiny_funnels
+
+    real_bce = torch.nn.functional.binary_cross_entropy
+
+    def bce_refusing_autocast(*args, **kwargs):
+        if torch.is_autocast_enabled("cpu"):
+            raise RuntimeError("binary_cross_entropy is unsafe to autocast")
+        return real_bce(*args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.functional, "binary_cross_entropy", bce_refusing_autocast)
+    torch.manual_seed(0)
+    model, table = build_on_first_fit(model_name, tiny_funnels(rows=96))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        losses = model.task_losses(model(table), table)
+    assert losses.dtype == torch.float32
+    assert torch.isfinite(losses).all(), losses
 
 
 def test_unknown_precision_is_a_config_error():

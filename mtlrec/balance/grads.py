@@ -84,9 +84,12 @@ class TaskGrads:
         return self.matrix.shape[1]
 
     def gram(self) -> torch.Tensor:
-        """[T, T] inner products of the task gradients, in float64."""
+        """[T, T] inner products of the task gradients, in float64, on the CPU wherever the
+        gradients live: the rules that read it are tiny T x T solvers with Python control flow
+        (PCGrad's projections, MGDA's and Nash-MTL's iterations), so they need its values on
+        the host anyway. (Before, they mixed it with CPU tensors and failed on CUDA.)"""
         g = self.matrix.double()
-        return g @ g.T
+        return (g @ g.T).cpu()
 
     def per_tensor(self, values: torch.Tensor) -> torch.Tensor:
         """Broadcast [..., P] per-tensor values to [..., D] per-coordinate values."""
