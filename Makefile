@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed-stamp
 TORCH := torch==2.13.0
 export MTLREC_DATA_DIR ?= $(abspath ../shared/data)
 
-.PHONY: venv demo test lint bench-census bench-balance bench-cascade bench-speed bench-zoo bench-scale bench-serve bench-reproduce clean
+.PHONY: venv demo test lint bench-census bench-balance bench-cascade bench-speed bench-speed-gpu bench-zoo bench-scale bench-serve bench-reproduce clean
 
 venv: $(STAMP)
 
@@ -48,6 +48,9 @@ bench-cascade: $(STAMP)
 bench-speed: $(STAMP)
 	$(BIN)/python benchmarks/speed/run.py --models mmoe,shared-bottom,esmm,ple
 	$(BIN)/python benchmarks/speed/quality.py
+
+bench-speed-gpu: $(STAMP)
+	$(BIN)/python benchmarks/speed/run.py --device cuda --models mmoe,shared-bottom,esmm,ple --repeats 3
 
 bench-reproduce: $(STAMP)
 	$(BIN)/python benchmarks/reproduce/run.py
