@@ -999,6 +999,19 @@ PROFILE_NOTES = [
 ]
 
 
+# The first columns of the CPU and the GPU table.
+THROUGHPUT_COLUMNS = [
+    ("model", "model"),
+    ("config", "config"),
+    ("mtlrec_train_sps", "mtlrec train sps"),
+    ("rechub_train_sps", "rechub train sps"),
+    ("train_ratio", "ratio"),
+    ("deepctr_train_sps", "DeepCTR train sps"),
+    ("mtlrec_infer_sps", "mtlrec infer sps"),
+    ("rechub_infer_sps", "rechub infer sps"),
+]
+
+
 def _fmt(v) -> str:
     if v is None:
         return "—"
@@ -1034,14 +1047,7 @@ def render_md(meta: dict, rows: list[dict], details: list[dict]) -> str:
         return _table(rows, columns)
 
     cols = [
-        ("model", "model"),
-        ("config", "config"),
-        ("mtlrec_train_sps", "mtlrec train sps"),
-        ("rechub_train_sps", "rechub train sps"),
-        ("train_ratio", "ratio"),
-        ("deepctr_train_sps", "DeepCTR train sps"),
-        ("mtlrec_infer_sps", "mtlrec infer sps"),
-        ("rechub_infer_sps", "rechub infer sps"),
+        *THROUGHPUT_COLUMNS,
         ("ceiling_sps", "ceiling sps"),
         ("ceiling_fraction", "mtlrec / ceiling"),
         ("mtlrec_peak_mb", "mtlrec peak MB"),
@@ -1190,14 +1196,7 @@ GPU_NOTES: list[str] = [
 def render_gpu_md(meta: dict, rows: list[dict], details: list[dict]) -> str:
     """benchmarks/speed/gpu/RESULTS.md: the same comparison on a GPU, with the bf16 row."""
     main_cols = [
-        ("model", "model"),
-        ("config", "config"),
-        ("mtlrec_train_sps", "mtlrec train sps"),
-        ("rechub_train_sps", "rechub train sps"),
-        ("train_ratio", "ratio"),
-        ("deepctr_train_sps", "DeepCTR train sps"),
-        ("mtlrec_infer_sps", "mtlrec infer sps"),
-        ("rechub_infer_sps", "rechub infer sps"),
+        *THROUGHPUT_COLUMNS,
         ("ceiling_fraction", "mtlrec / fp32 ceiling"),
         ("mtlrec_peak_mb", "mtlrec GPU peak MB"),
         ("rechub_peak_mb", "rechub GPU peak MB"),
