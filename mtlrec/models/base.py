@@ -104,13 +104,13 @@ class MTLModel(nn.Module):
         all rows (ESMM Eq. 4, AITM Eq. 8); a dependent task's label over the entire space is its
         own column, since a positive implies its upstream is positive (the encoder checks it)."""
         labels = batch.labels
-        p = joint.clamp(PROB_EPS, 1 - PROB_EPS)
         # BCE of a probability (not a logit) in fp32 and outside autocast: CUDA autocast refuses
         # F.binary_cross_entropy (train.precision=bf16 failed for every entire-space model on a
-        # GPU), and a bf16 product of probabilities is too coarse for log(p) near 0 or 1. In
-        # fp32 training `.float()` is a no-op, so the numerics there are unchanged.
+        # GPU), and bf16 rounds 1 - PROB_EPS to 1, so the clamp must happen in fp32 too. In fp32
+        # training `.float()` is a no-op, so the numerics there are unchanged.
+        p = joint.float().clamp(PROB_EPS, 1 - PROB_EPS)
         with torch.autocast(p.device.type, enabled=False):
-            bce = F.binary_cross_entropy(p.float(), labels.float(), reduction="none")
+            bce = F.binary_cross_entropy(p, labels.float(), reduction="none")
         mse = (out.logits - labels).pow(2)
         return torch.where(self.is_binary, bce, mse).mean(0)
 

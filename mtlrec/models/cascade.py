@@ -131,7 +131,9 @@ class AITM(MTLModel):
             z = q if t == 0 else module["ait"](self.transfer[t - 1](z_prev), q)
             raw.append(module["head"](z))
             z_prev = z
-        raw_logits = torch.cat(raw, 1)
+        # The probability chain in fp32 (a no-op in fp32 training): under bf16 autocast the
+        # ratio y_t / y_{t-1} starts near 1, which bf16 rounds to 1, and logit(1) = inf.
+        raw_logits = torch.cat(raw, 1).float()
         y = torch.sigmoid(raw_logits)
         up = self.upstream.clamp_min(0)
         ratio = (y / y[:, up].clamp_min(PROB_EPS)).clamp(PROB_EPS, 1 - PROB_EPS)

@@ -154,7 +154,7 @@ class _CausalCVR(MTLModel):
             # CVR tower towards the imputed labels (DR-JL's form).
             e_hat = F.binary_cross_entropy_with_logits(out.logits, imp.detach(), reduction="none")
             # The same error with the prediction fixed, as a function of r_tilde (linear in it).
-            p = torch.sigmoid(out.logits.detach()).clamp(PROB_EPS, 1 - PROB_EPS)
+            p = torch.sigmoid(out.logits.detach().float()).clamp(PROB_EPS, 1 - PROB_EPS)
             e_hat_imp = -(imp * torch.log(p) + (1 - imp) * torch.log1p(-p))
         else:
             e_hat, e_hat_imp = imp.detach(), imp

@@ -20,7 +20,9 @@ from mtlrec.nn.mlp import MLP
 
 
 def _logit(p: torch.Tensor) -> torch.Tensor:
-    return torch.logit(p.clamp(PROB_EPS, 1 - PROB_EPS))
+    """logit(p) in fp32: under bf16 autocast a probability above 1 - 2^-9 rounds to 1 before
+    the clamp could keep it below, and logit(1) = inf (a no-op in fp32 training)."""
+    return torch.logit(p.float().clamp(PROB_EPS, 1 - PROB_EPS))
 
 
 # --- ESM² ---------------------------------------------------------------------------------------

@@ -54,7 +54,7 @@ class PrototypeBank(nn.Module):
     @torch.no_grad()
     def update(self, h: torch.Tensor) -> None:
         """One k-means-like step of the centres toward the rows ``h`` [B, D]."""
-        h = h.detach()
+        h = h.detach().to(self.centres.dtype)  # bf16 rows under autocast; the centres stay fp32
         if not bool(self.initialised):
             self._seed(h)
             return
