@@ -31,12 +31,14 @@ def test_benchmark_records_every_seed_and_replays_them(finished_run, tmp_path):
     assert reproduce.main([*common, "--record", "--runs-root", str(tmp_path)]) == 0
     prints = json.loads(prints_file.read_text())
     assert [p["run"] for p in prints] == ["mmoe-seed1", "mmoe-seed2", "other-seed3"]
+    assert {p["epochs"] for p in prints} == {2}  # a first-epoch check once missed an epoch-2 drift
     assert reproduce.main([*common, "--parallel", "2", "--results-dir", str(results)]) == 0
     rows = {r["run"]: r for r in json.loads((results / "results.json").read_text())}
     assert rows["mmoe-seed1"]["status"] == rows["mmoe-seed2"]["status"] == "identical"
     assert rows["other-seed3"]["status"] == "training differs"
     markdown = (results / "RESULTS.md").read_text()
     assert "2 identical, 1 training differs" in markdown
+    assert "for each of its first 2 epoch(s)" in markdown
     assert reproduce.main([*common, "--quick", "--results-dir", str(results)]) == 0
     quick = [r["run"] for r in json.loads((results / "results.json").read_text())]
     assert quick == ["mmoe-seed1", "other-seed3"]  # the lowest seed of each configuration

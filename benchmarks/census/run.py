@@ -146,7 +146,7 @@ def write_markdown(rows: list[dict]) -> None:
         "rough guide; alone, MMoE runs about 3 s/epoch on one thread here.",
         "",
         "Every row is checked against the current code by `make bench-reproduce`, which trains "
-        "the first epoch of each of its seeds' runs again and compares it bit for bit "
+        "the first two epochs of each of its seeds' runs again and compares them bit for bit "
         "([benchmarks/reproduce/RESULTS.md](../reproduce/RESULTS.md)). That check found that the "
         "CGC, PLE and ESMM runs no longer matched (they predated the experts' one-GEMM first "
         "layer, which also changed the order of the experts' dropout draws, and the "

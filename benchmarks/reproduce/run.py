@@ -5,9 +5,10 @@ When the code changes what training computes (a fused kernel, another summation 
 initialisation), the committed numbers can no longer be reproduced with their own command, and
 nothing says so. The run folders themselves are not committed (checkpoints are large), so
 ``--record`` stores every finished run's fingerprint in ``fingerprints.json``: its resolved
-config and its first-epoch training losses and validation metrics. Without ``--record`` this
-trains every fingerprinted run again for those epochs (``mtlrec.train.replay``) and reports which
-still match bit for bit, from a clean checkout. Every seed is recorded, not one per
+config and, per epoch of its first ``--epochs`` (2), the training losses and validation metrics
+(two epochs: a change that acts from the second epoch on once passed a first-epoch check).
+Without ``--record`` this trains every fingerprinted run again for those epochs
+(``mtlrec.train.replay``) and reports which still match bit for bit, from a clean checkout. Every seed is recorded, not one per
 configuration: a benchmark where only some seeds were re-run after a change would otherwise pass.
 ``--quick`` replays the lowest seed of each configuration only (a third of the time).
 
@@ -93,7 +94,9 @@ def _git_commit() -> str:
     return out.stdout.strip() or "unknown"
 
 
-def write_markdown(path: Path, rows: list[dict[str, Any]], args: argparse.Namespace) -> None:
+def write_markdown(
+    path: Path, rows: list[dict[str, Any]], args: argparse.Namespace, epochs: int = 1
+) -> None:
     from mtlrec.bench.hardware import describe
     from mtlrec.bench.runs import shown_arguments
 
@@ -109,16 +112,16 @@ def write_markdown(path: Path, rows: list[dict[str, Any]], args: argparse.Namesp
         "thread count (1).",
         "",
         "For every run of every benchmark (each seed; `--quick`: the lowest seed of each "
-        "configuration), `fingerprints.json` holds its resolved config and its first-epoch "
-        "training loss and validation AUC / log loss per task. The config (same seed, same data) "
-        "is trained again for that epoch and every "
+        "configuration), `fingerprints.json` holds its resolved config and, for each of its "
+        f"first {epochs} epoch(s), the training loss and validation AUC / log loss per task. "
+        "The config (same seed, same data) is trained again for those epochs and every "
         "figure is compared bit for bit. 'evaluation differs': the training losses match and only "
         "the validation figures moved (the evaluation code changed in the last bits); 'training "
         "differs': the benchmark's numbers cannot be reproduced with the current code and its "
-        "rows need a re-run. A first-epoch replay cannot see a change that acts only from the "
-        "second epoch on (it missed one: runs made before commit 46f9be0 kept their first epoch "
-        "and moved from the second, found with `mtlrec reproduce RUN --epochs 3`); "
-        "`--record --epochs 2` fingerprints two epochs, at twice the replay time."
+        "rows need a re-run. Why more than one epoch: a first-epoch replay cannot see a change "
+        "that acts only from the second epoch on (it missed one: runs made before commit 46f9be0 "
+        "kept their first epoch and moved from the second, found with `mtlrec reproduce RUN "
+        "--epochs 3`); `--record --epochs N` sets how many epochs are fingerprinted."
         + (
             " With `--merge`, only the runs matching `--runs` were replayed by this command; the "
             "other rows come from the previous replay in results.json."
@@ -184,7 +187,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--record", action="store_true", help="write fingerprints.json from the local run folders"
     )
-    parser.add_argument("--epochs", type=int, default=1, help="epochs to fingerprint (--record)")
+    parser.add_argument("--epochs", type=int, default=2, help="epochs to fingerprint (--record)")
     parser.add_argument("--parallel", type=int, default=2, help="replays at a time")
     parser.add_argument(
         "--quick", action="store_true", help="replay the lowest seed of each configuration only"
@@ -226,7 +229,8 @@ def main(argv: list[str] | None = None) -> int:
         rows = merged_rows(json.loads(previous.read_text()), rows)
     args.results_dir.mkdir(parents=True, exist_ok=True)
     (args.results_dir / "results.json").write_text(json.dumps(rows, indent=2) + "\n")
-    write_markdown(args.results_dir / "RESULTS.md", rows, args)
+    epochs = max((fp["epochs"] for fp in prints), default=1)
+    write_markdown(args.results_dir / "RESULTS.md", rows, args, epochs)
     print(f"wrote {args.results_dir / 'RESULTS.md'}", file=sys.stderr)
     return 0
 
