@@ -1093,6 +1093,11 @@ def render_md(meta: dict, rows: list[dict], details: list[dict]) -> str:
         ]
     lines += ["", *_param_lines(details)]
     lines += ["", "## Bars (issue 3)", "", *bar_lines(rows), ""]
+    lines += [
+        "The same comparison with every library on an NVIDIA H200: [gpu/RESULTS.md]"
+        "(gpu/RESULTS.md) (`make bench-speed-gpu`).",
+        "",
+    ]
     lines += PROFILE_NOTES
     lines += [
         "",
