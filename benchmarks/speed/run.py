@@ -18,6 +18,14 @@ What is timed:
 
 Peers are installed on demand into the current venv with ``--no-deps`` and a constraints file
 pinning the installed torch, so torch is never touched (:func:`ensure_peers`).
+
+``--device cuda`` (``make bench-speed-gpu``) trains every library on the GPU. There the runs
+alternate in this process after one untimed warm-up run per library (a fresh process per run
+would spend the device time on CUDA start-up), clocks start and stop on a synchronised device,
+peak memory is ``torch.cuda.max_memory_allocated``, the ceilings are fp32 (TF32 off) and bf16
+matmul rates measured in the run, and results are written after every model/config pair so that
+a run stopped by ``--budget-s`` or a time limit keeps what it measured; ``--merge`` joins runs.
+Results: ``gpu/RESULTS.md``.
 """
 
 from __future__ import annotations
