@@ -20,7 +20,7 @@ from mtlrec.data.table import TensorTable
 from mtlrec.errors import ConfigError
 from mtlrec.models.base import ModelConfig, ModelOutput, MTLModel
 from mtlrec.models.registry import register
-from mtlrec.nn.experts import Gate, mix
+from mtlrec.nn.experts import Gate, expert_layers, mix
 from mtlrec.nn.mlp import MLP
 
 
@@ -34,26 +34,10 @@ class NormExperts(nn.Module):
 
     def __init__(self, num_experts: int, in_dim: int, hidden: Sequence[int]) -> None:
         super().__init__()
-        if not hidden:
-            raise ConfigError(
-                "experts need at least one hidden layer: a model.*_hidden list of experts is empty"
-            )
         self.num_experts = num_experts
-        self.weights = nn.ParameterList()
-        self.biases = nn.ParameterList()
-        self.norms = nn.ModuleList()
-        dim = in_dim
-        for width in hidden:
-            bound = 1.0 / math.sqrt(dim)
-            self.weights.append(
-                nn.Parameter(torch.empty(num_experts, dim, width).uniform_(-bound, bound))
-            )
-            self.biases.append(
-                nn.Parameter(torch.empty(num_experts, 1, width).uniform_(-bound, bound))
-            )
-            self.norms.append(nn.BatchNorm1d(num_experts * width))
-            dim = width
-        self.output_dim = dim
+        self.weights, self.biases = expert_layers(num_experts, in_dim, hidden)
+        self.norms = nn.ModuleList(nn.BatchNorm1d(num_experts * width) for width in hidden)
+        self.output_dim = hidden[-1]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = x.unsqueeze(0).expand(self.num_experts, -1, -1) if x.dim() == 2 else x

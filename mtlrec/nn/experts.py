@@ -16,6 +16,25 @@ from torch import nn
 from mtlrec.errors import ConfigError
 
 
+def expert_layers(
+    num_experts: int, in_dim: int, hidden: Sequence[int]
+) -> tuple[nn.ParameterList, nn.ParameterList]:
+    """Batched weights [E, in, width] and biases [E, 1, width] of E parallel MLPs, layer by layer,
+    drawn like nn.Linear's default (uniform, bound 1 / sqrt(fan_in)); at least one layer."""
+    if not hidden:
+        raise ConfigError(
+            "experts need at least one hidden layer: a model.*_hidden list of experts is empty"
+        )
+    weights, biases = nn.ParameterList(), nn.ParameterList()
+    dim = in_dim
+    for width in hidden:
+        bound = 1.0 / math.sqrt(dim)
+        weights.append(nn.Parameter(torch.empty(num_experts, dim, width).uniform_(-bound, bound)))
+        biases.append(nn.Parameter(torch.empty(num_experts, 1, width).uniform_(-bound, bound)))
+        dim = width
+    return weights, biases
+
+
 class Experts(nn.Module):
     """E parallel MLPs with ReLU: ``[B, in] -> [B, E, out]`` (or ``[E, B, in]`` per-expert input)."""
 
@@ -23,24 +42,9 @@ class Experts(nn.Module):
         self, num_experts: int, in_dim: int, hidden: Sequence[int], dropout: float = 0.0
     ) -> None:
         super().__init__()
-        if not hidden:
-            raise ConfigError(
-                "experts need at least one hidden layer: a model.*_hidden list of experts is empty"
-            )
         self.num_experts = num_experts
-        self.weights = nn.ParameterList()
-        self.biases = nn.ParameterList()
-        dim = in_dim
-        for width in hidden:
-            w = torch.empty(num_experts, dim, width)
-            bound = 1.0 / math.sqrt(dim)
-            nn.init.uniform_(w, -bound, bound)  # same scale as nn.Linear's default
-            self.weights.append(nn.Parameter(w))
-            self.biases.append(
-                nn.Parameter(torch.empty(num_experts, 1, width).uniform_(-bound, bound))
-            )
-            dim = width
-        self.output_dim = dim
+        self.weights, self.biases = expert_layers(num_experts, in_dim, hidden)
+        self.output_dim = hidden[-1]
         self.dropout = nn.Dropout(dropout) if dropout > 0 else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
