@@ -67,9 +67,7 @@ class Encoder:
                 std = float(finite.std()) if finite.size else 1.0
                 state[feat.name] = {"mean": mean, "std": std if std > 1e-12 else 1.0}
                 if feat.buckets:
-                    qs = np.linspace(0, 1, feat.buckets + 1)[1:-1]
-                    edges = np.unique(np.quantile(finite, qs)) if finite.size else np.zeros(0)
-                    state[feat.name]["edges"] = edges.tolist()
+                    state[feat.name]["edges"] = bucket_edges(finite, feat.buckets)
             elif feat.hash_buckets:
                 state[feat.name] = {"hash_buckets": int(feat.hash_buckets)}
             else:
@@ -322,6 +320,13 @@ def _booleans_as_numbers(column: pd.Series) -> pd.Series:
 def _cell(value: Any) -> str:
     """A cell as the user wrote it: '3' for text, 3 for a number (not np.int64(3))."""
     return repr(value.item() if isinstance(value, np.generic) else value)
+
+
+def bucket_edges(values: np.ndarray, buckets: int) -> list[float]:
+    """Inner quantile edges that cut finite ``values`` into ``buckets`` equal-frequency buckets
+    (repeated edges merged, so a skewed column may get fewer)."""
+    qs = np.linspace(0, 1, buckets + 1)[1:-1]
+    return (np.unique(np.quantile(values, qs)) if values.size else np.zeros(0)).tolist()
 
 
 def _to_float(column: pd.Series, where: str, name: str, first_row: int = 0) -> np.ndarray:

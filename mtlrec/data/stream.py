@@ -37,7 +37,14 @@ import numpy as np
 import pandas as pd
 import torch
 
-from mtlrec.data.encoder import ENCODER_VERSION, Encoder, _as_text, _numeric, _tokens
+from mtlrec.data.encoder import (
+    ENCODER_VERSION,
+    Encoder,
+    _as_text,
+    _numeric,
+    _tokens,
+    bucket_edges,
+)
 from mtlrec.data.readers import is_parquet, parquet_columns, read_frame
 from mtlrec.data.table import TensorTable
 from mtlrec.errors import DataError
@@ -428,10 +435,7 @@ def fit_encoder_stream(
                 "std": std if std > 1e-12 else 1.0,
             }
             if feat.buckets:
-                sample = samples[feat.name].values
-                qs = np.linspace(0, 1, feat.buckets + 1)[1:-1]
-                edges = np.unique(np.quantile(sample, qs)) if sample.size else np.zeros(0)
-                state[feat.name]["edges"] = edges.tolist()
+                state[feat.name]["edges"] = bucket_edges(samples[feat.name].values, feat.buckets)
         elif feat.hash_buckets:
             state[feat.name] = {"hash_buckets": int(feat.hash_buckets)}
         else:
