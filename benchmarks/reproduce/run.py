@@ -8,8 +8,9 @@ nothing says so. The run folders themselves are not committed (checkpoints are l
 config and, per epoch of its first ``--epochs`` (2), the training losses and validation metrics
 (two epochs: a change that acts from the second epoch on once passed a first-epoch check).
 Without ``--record`` this trains every fingerprinted run again for those epochs
-(``mtlrec.train.replay``) and reports which still match bit for bit, from a clean checkout. Every seed is recorded, not one per
-configuration: a benchmark where only some seeds were re-run after a change would otherwise pass.
+(``mtlrec.train.replay``) and reports which still match bit for bit, from a clean checkout.
+Every seed is recorded, not one per configuration: a benchmark where only some seeds were re-run
+after a change would otherwise pass.
 ``--quick`` replays the lowest seed of each configuration only (a third of the time).
 
 Usage::

@@ -37,11 +37,10 @@ def read_frame(
     path = Path(path)
     if not path.exists():
         raise DataError(f"{path}: file not found")
-    suffixes = "".join(path.suffixes).lower()
     try:
         if path.is_dir():
             frame = _read_parquet_folder(path, columns, max_rows)
-        elif suffixes.endswith(PARQUET_SUFFIXES):
+        elif is_parquet(path):
             frame = _read_parquet(path, columns, max_rows)
         else:
             with warnings.catch_warnings():

@@ -42,7 +42,7 @@ def task_metrics(
     upstream = schema.upstream_index()
     out: dict[str, dict[str, float]] = {}
     for t, task in enumerate(schema.tasks):
-        observed = y[:, upstream[t]] == 1 if upstream[t] >= 0 else np.ones(len(y), dtype=bool)
+        observed = _observed(y, upstream[t])
         yt, ct = y[observed, t], c[observed, t]
         if task.type == "binary":
             m = {"auc": auc(yt, ct), "logloss": logloss(yt, ct)}
@@ -56,6 +56,11 @@ def task_metrics(
     return out
 
 
+def _observed(y: np.ndarray, upstream: int) -> np.ndarray:
+    """Rows where a task's label is observed: all, or those whose upstream task is positive."""
+    return y[:, upstream] == 1 if upstream >= 0 else np.ones(len(y), dtype=bool)
+
+
 def undefined_auc_warnings(schema: Schema, labels: torch.Tensor, where: str) -> list[str]:
     """One line per binary task whose AUC cannot be computed on this split (one class among its
     observed rows): early stopping then silently leaves that task out, which the user should
@@ -66,7 +71,7 @@ def undefined_auc_warnings(schema: Schema, labels: torch.Tensor, where: str) -> 
     for t, task in enumerate(schema.tasks):
         if task.type != "binary":
             continue
-        yt = y[y[:, upstream[t]] == 1, t] if upstream[t] >= 0 else y[:, t]
+        yt = y[_observed(y, upstream[t]), t]
         if yt.size and yt.min() != yt.max():
             continue
         seen = (

@@ -78,7 +78,7 @@ def predict_frame(
     if isinstance(model, MTLModel):
         cond, joint = (t.numpy() for t in predict(model, table, batch_size))
     else:
-        parts = [model(table.slice(lo, lo + batch_size)) for lo in range(0, len(table), batch_size)]
+        parts = [model(batch) for batch in table.batches(batch_size)]
         empty = np.zeros((0, len(encoder.schema.tasks)), np.float32)
         cond = np.concatenate([c for c, _ in parts]) if parts else empty
         joint = np.concatenate([j for _, j in parts]) if parts else empty
