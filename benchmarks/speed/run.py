@@ -626,25 +626,20 @@ def main(argv=None) -> int:
     if args.worker:
         print("RESULT " + json.dumps(worker(json.loads(args.worker))), flush=True)
         return 0
+    cuda = args.device.startswith("cuda")
+    results_dir = Path(args.results_dir or (HERE / "gpu" if cuda else HERE))
     if args.merge:
-        gpu_dir = args.device.startswith("cuda")
-        merge_saved(
-            [Path(d) for d in args.merge],
-            Path(args.results_dir or (HERE / "gpu" if gpu_dir else HERE)),
-        )
+        merge_saved([Path(d) for d in args.merge], results_dir)
         return 0
     if args.render:
-        gpu_dir = args.device.startswith("cuda")
-        render_saved(Path(args.results_dir or (HERE / "gpu" if gpu_dir else HERE)))
+        render_saved(results_dir)
         return 0
 
-    cuda = args.device.startswith("cuda")
     in_process = cuda or args.in_process
     if args.compiled_models is None:
         args.compiled_models = "" if cuda else "mmoe"
     if args.nosync_models is None:
         args.nosync_models = "mmoe" if cuda else ""
-    results_dir = Path(args.results_dir or (HERE / "gpu" if cuda else HERE))
     started = time.perf_counter()
     missing_peers = []
     try:
