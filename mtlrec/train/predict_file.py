@@ -29,13 +29,14 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from mtlrec.config import TrainConfig
 from mtlrec.data.encoder import Encoder
 from mtlrec.data.stream import READ_ROWS, file_chunks
 from mtlrec.data.table import TensorTable
 from mtlrec.errors import ConfigError
 from mtlrec.models import MTLModel
 from mtlrec.schema import Schema
-from mtlrec.train.run import load_run
+from mtlrec.train.run import eval_batch_size, load_run
 from mtlrec.train.trainer import predict
 
 OUTPUT_SUFFIXES = (".parquet", ".pq", ".csv")
@@ -68,7 +69,7 @@ def predict_frame(
     encoder: Encoder,
     frame: pd.DataFrame,
     *,
-    batch_size: int = 16384,
+    batch_size: int = TrainConfig.eval_batch_size,
     where: str = "data",
     first_row: int = 0,
 ) -> pd.DataFrame:
@@ -166,9 +167,9 @@ def _load(path: Path) -> tuple[Encoder, MTLModel | Score, int]:
         from mtlrec.serve.predictor import load_predictor
 
         predictor = load_predictor(path)
-        return predictor.encoder, predictor.predict, 16384
+        return predictor.encoder, predictor.predict, TrainConfig.eval_batch_size
     config, encoder, model = load_run(path)
-    return encoder, model, int(config["train"].get("eval_batch_size", 16384))
+    return encoder, model, eval_batch_size(config)
 
 
 class _AtomicWriter:

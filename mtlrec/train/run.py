@@ -238,11 +238,16 @@ def load_run(run_dir: str | Path) -> tuple[dict[str, Any], Encoder, MTLModel]:
     return config, encoder, model
 
 
+def eval_batch_size(config: dict[str, Any]) -> int:
+    """A saved run's evaluation batch (runs saved before the key existed get the default)."""
+    return int(config["train"].get("eval_batch_size", TrainConfig.eval_batch_size))
+
+
 def evaluate_run(run_dir: str | Path, data: str | None = None) -> dict[str, Any]:
     """Metrics of a finished run on its dataset's test split, or on a given file (a Parquet file
     or folder is read a record batch at a time; only the predictions and labels are kept)."""
     config, encoder, model = load_run(run_dir)
-    batch = int(config["train"].get("eval_batch_size", 16384))
+    batch = eval_batch_size(config)
     if data:
         return _clean({Path(data).name: _evaluate_file(model, encoder, data, batch)})
     splits = load_splits(config)
