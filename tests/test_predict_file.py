@@ -66,6 +66,53 @@ def test_streamed_parquet_without_labels_scores_like_the_csv(finished_run, test_
     np.testing.assert_allclose(streamed[PRED].to_numpy(), whole[PRED].to_numpy(), rtol=1e-6)
 
 
+@pytest.mark.parametrize("suffix", ["parquet", "csv"])
+def test_kept_integer_ids_with_nulls_come_back_unchanged(finished_run, test_csv, tmp_path, suffix):
+    """pandas reads an integer column with a null as float64 (ids above 2**53 round, and 7
+    becomes 7.0); a kept column is copied as stored. Written without pandas' metadata, as Spark
+    writes it; row groups of 70 read 25 rows at a time, so some chunks hold no null."""
+    frame = pd.read_csv(test_csv, dtype=str, keep_default_na=False)
+    ids = [None if i % 50 == 3 else 2**53 + 1 + i for i in range(len(frame))]
+    table = pa.Table.from_pandas(frame, preserve_index=False).replace_schema_metadata(None)
+    table = table.append_column("order_id", pa.array(ids, pa.int64()))
+    src = tmp_path / "ids.parquet"
+    pq.write_table(table, src, row_group_size=70)
+    out = tmp_path / f"scores.{suffix}"
+    predict_file(finished_run, src, out, keep=["order_id", "user"], read_rows=25)
+    if suffix == "parquet":
+        got = pq.read_table(out).column("order_id").to_pylist()
+    else:
+        got = [
+            None if v == "" else int(v)
+            for v in pd.read_csv(out, dtype=str, keep_default_na=False)["order_id"]
+        ]
+    assert got == ids
+    whole = pd.read_parquet(predict_file(finished_run, test_csv, tmp_path / "w.pq").out)
+    scores = pd.read_csv(out) if suffix == "csv" else pd.read_parquet(out)
+    np.testing.assert_allclose(scores[PRED].to_numpy(), whole[PRED].to_numpy(), rtol=1e-6)
+
+
+def test_an_integer_feature_with_nulls_and_large_values_is_read_like_pandas(
+    finished_run, test_csv, tmp_path
+):
+    """A streamed integer column with nulls is cast to float64 as pandas converts it, ids above
+    2**53 included (the range-checked cast refused them)."""
+    frame = pd.read_csv(test_csv, dtype=str, keep_default_na=False)
+    users = [None if i % 40 == 0 else 2**60 + i for i in range(len(frame))]
+    table = pa.Table.from_pandas(frame.drop(columns=["user"]), preserve_index=False)
+    table = table.replace_schema_metadata(None).append_column("user", pa.array(users, pa.int64()))
+    src = tmp_path / "users.parquet"
+    pq.write_table(table, src, row_group_size=70)
+    streamed = pd.read_parquet(predict_file(finished_run, src, tmp_path / "s.pq", read_rows=25).out)
+    from mtlrec.data.readers import read_frame
+    from mtlrec.train.predict_file import predict_frame
+    from mtlrec.train.run import load_run
+
+    _, encoder, model = load_run(finished_run)
+    whole = predict_frame(model, encoder, read_frame(src))
+    np.testing.assert_allclose(streamed[PRED].to_numpy(), whole[PRED].to_numpy(), rtol=1e-6)
+
+
 def test_unseen_values_are_scored_not_rejected(finished_run, tmp_path):
     frame = funnel_frame(50, 9)
     frame["user"] = "never-seen"

@@ -28,7 +28,7 @@ bounded size (exact when a column has no more finite values than the reservoir h
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -80,14 +80,20 @@ class _Files:
     look exactly like :func:`mtlrec.data.readers.read_frame`'s."""
 
     def __init__(
-        self, path: str | Path, columns: list[str], max_rows: int | None, read_rows: int
+        self,
+        path: str | Path,
+        columns: list[str],
+        max_rows: int | None,
+        read_rows: int,
+        exact: Sequence[str] = (),
     ) -> None:
         import pyarrow.dataset as ds
 
         self.path = Path(path)
         if not self.path.exists():
             raise DataError(f"{self.path}: file not found")
-        self.columns = list(dict.fromkeys(columns))
+        self.exact = list(dict.fromkeys(exact))
+        self.columns = list(dict.fromkeys([*columns, *self.exact]))
         self.read_rows = int(read_rows)
         try:
             dataset = ds.dataset(str(self.path), format="parquet")
@@ -116,7 +122,9 @@ class _Files:
         self.pieces = pieces
         # read_frame reads a whole file, where pandas turns an integer column with any null
         # into float64; a record batch without nulls would stay int64 and encode "1" where the
-        # whole file says "1.0". Such columns are cast to float64 in every batch.
+        # whole file says "1.0". Such columns are cast to float64 in every batch, without a range
+        # check, as pandas converts them (ids above 2**53 round). ``exact`` columns (ids copied
+        # into an output) are also given uncast, under exact_name(column).
         self.float_columns = nullable_ints
 
     @property
@@ -137,13 +145,16 @@ class _Files:
             for batch in batches:
                 if left <= 0:
                     break
-                table = pa.Table.from_batches([batch]).slice(0, left)
+                raw = table = pa.Table.from_batches([batch]).slice(0, left)
                 left -= table.num_rows
                 for name in self.float_columns:
                     i = table.schema.get_field_index(name)
-                    table = table.set_column(i, name, table.column(i).cast(pa.float64()))
+                    column = table.column(i).cast(pa.float64(), safe=False)
+                    table = table.set_column(i, name, column)
                 frame = table.to_pandas()
                 frame.columns = [str(c).strip() for c in frame.columns]
+                for name in self.exact:
+                    frame[exact_name(name)] = _exact_pandas(raw.column(name))
                 yield first_row, frame
                 first_row += len(frame)
         except Exception as exc:
@@ -153,12 +164,16 @@ class _Files:
 
 
 def parquet_chunks(
-    path: str | Path, columns: list[str], read_rows: int = READ_ROWS
+    path: str | Path, columns: list[str], read_rows: int = READ_ROWS, exact: Sequence[str] = ()
 ) -> tuple[int, Iterator[tuple[str, int, pd.DataFrame]]]:
     """The rows of a Parquet file or folder in file order, ``read_rows`` at a time, read like
     :func:`mtlrec.data.readers.read_frame` reads them: (row count, iterator of (file, number of
-    the chunk's first row in that file, frame)). Only the metadata is read before iterating."""
-    files = _Files(path, columns, None, read_rows)
+    the chunk's first row in that file, frame)). Only the metadata is read before iterating.
+
+    Each ``exact`` column is also in the frame as ``exact_name(column)``, with its values as
+    stored: an integer column with nulls stays integer (pandas' nullable type) instead of
+    becoming float64, so ids copied into an output come back unchanged."""
+    files = _Files(path, columns, None, read_rows, exact)
 
     def chunks() -> Iterator[tuple[str, int, pd.DataFrame]]:
         for piece in files.pieces:
@@ -169,14 +184,38 @@ def parquet_chunks(
 
 
 def file_chunks(
-    path: str | Path, columns: list[str], read_rows: int = READ_ROWS
+    path: str | Path, columns: list[str], read_rows: int = READ_ROWS, exact: Sequence[str] = ()
 ) -> tuple[int, Iterator[tuple[str, int, pd.DataFrame]]]:
     """Like :func:`parquet_chunks` for any input of ``read_frame``: a Parquet file or folder is
-    streamed, a CSV file is read whole as one chunk."""
+    streamed, a CSV file is read whole as one chunk (its cells are text: exact already)."""
     if is_parquet(path):
-        return parquet_chunks(path, columns, read_rows)
-    frame = read_frame(path, columns=columns)
+        return parquet_chunks(path, columns, read_rows, exact)
+    frame = read_frame(path, columns=list(dict.fromkeys([*columns, *exact])))
+    for name in dict.fromkeys(exact):
+        frame[exact_name(name)] = frame[name]
     return len(frame), iter([(str(path), 0, frame)])
+
+
+def exact_name(column: str) -> str:
+    """Where a chunk holds the uncast copy of an ``exact`` column (a name no file column has)."""
+    return f"\x00exact:{column}"
+
+
+def _exact_pandas(column: Any) -> pd.Series:
+    """An Arrow column as pandas, integers kept integer when they hold nulls."""
+    import pyarrow as pa
+
+    nullable = {
+        pa.int8(): pd.Int8Dtype(),
+        pa.int16(): pd.Int16Dtype(),
+        pa.int32(): pd.Int32Dtype(),
+        pa.int64(): pd.Int64Dtype(),
+        pa.uint8(): pd.UInt8Dtype(),
+        pa.uint16(): pd.UInt16Dtype(),
+        pa.uint32(): pd.UInt32Dtype(),
+        pa.uint64(): pd.UInt64Dtype(),
+    }
+    return column.to_pandas(types_mapper=nullable.get)
 
 
 def _ints_with_nulls(fragment: Any, columns: list[str]) -> set[str]:

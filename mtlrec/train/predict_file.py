@@ -31,7 +31,7 @@ import pandas as pd
 
 from mtlrec.config import TrainConfig
 from mtlrec.data.encoder import Encoder
-from mtlrec.data.stream import READ_ROWS, file_chunks
+from mtlrec.data.stream import READ_ROWS, exact_name, file_chunks
 from mtlrec.data.table import TensorTable
 from mtlrec.errors import ConfigError
 from mtlrec.models import MTLModel
@@ -118,8 +118,8 @@ def predict_file(
     clash = sorted(set(keep) & set(names))
     if clash:
         raise ConfigError(f"--keep {', '.join(clash)}: the name of a prediction column")
-    columns = list(dict.fromkeys([f.source for f in encoder.schema.features] + keep))
-    total, chunks = file_chunks(data, columns, read_rows)
+    columns = list(dict.fromkeys(f.source for f in encoder.schema.features))
+    total, chunks = file_chunks(data, columns, read_rows, exact=keep)
     start = time.perf_counter()
     rows = 0
     writer = _AtomicWriter(out)
@@ -131,7 +131,8 @@ def predict_file(
                 )
                 if fuse is not None:
                     preds[SCORE] = fuse(preds)
-                writer.write(pd.concat([frame[keep], preds], axis=1).reset_index(drop=True))
+                kept = pd.DataFrame({c: frame[exact_name(c)] for c in keep}, index=frame.index)
+                writer.write(pd.concat([kept, preds], axis=1).reset_index(drop=True))
                 rows += len(frame)
                 advance(len(frame))
         if rows == 0:  # still a valid, empty file with the right columns
