@@ -158,7 +158,8 @@ class ScoringService:
             ],
             "field_policy": (
                 "unknown fields are rejected; fields not listed as required may be absent or "
-                "null: numeric -> training mean, categorical -> out-of-vocabulary bucket, "
+                "null mean an empty training cell: numeric -> training mean, categorical -> "
+                "the empty string's embedding (out-of-vocabulary if training had too few), "
                 "sequence -> empty"
             ),
             "fusion": fusion,
@@ -184,6 +185,7 @@ def create_app(
     from fastapi import FastAPI, Request
     from fastapi.exceptions import RequestValidationError
     from fastapi.responses import JSONResponse
+    from starlette.exceptions import HTTPException as StarletteHTTPException
 
     if threads:
         import torch
@@ -224,6 +226,12 @@ def create_app(
     @app.exception_handler(RequestValidationError)
     async def validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
         return _error(422, [_pydantic_item(e) for e in exc.errors()][:20])
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        # FastAPI's own 400 for a body its JSON reader refuses (invalid UTF-8 inside a string,
+        # nesting too deep, an integer of thousands of digits): the same shape as every error
+        return _error(exc.status_code, [{"loc": "body", "message": str(exc.detail)}])
 
     @app.exception_handler(Exception)
     async def internal_error(_: Request, exc: Exception) -> JSONResponse:

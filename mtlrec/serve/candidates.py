@@ -5,15 +5,18 @@ Field policy (documented in the README of the service and in ``GET /metadata``):
 * A candidate's keys are the schema's raw column names (``feature.column``, else its name).
   **Unknown keys are rejected**: a misspelt field would otherwise be silently scored as missing.
 * **No field is required** unless the fusion file lists it in ``serve.required_fields``. A missing
-  key and an explicit ``null`` mean the same: a numeric field gets the training mean (exactly what
-  the encoder does with a missing value in training data), a categorical field goes to the
-  feature's out-of-vocabulary bucket (for a hashed feature: one fixed bucket), a sequence field is
-  empty.
+  key and an explicit ``null`` mean what an empty cell meant in training, so a candidate scores
+  as ``mtlrec predict`` scores the same row of a file: a numeric field gets the training mean, a
+  categorical field the empty string (its own embedding when training saw enough empty cells,
+  else the out-of-vocabulary bucket; for a hashed feature the bucket of the empty string), a
+  sequence field is empty.
 * Types: numeric fields take JSON numbers only (not strings, not booleans) and they must be
   finite (Python's JSON reader accepts ``NaN`` and ``Infinity``, so this is checked);
   categorical fields take strings, integers or booleans (integers are read as their decimal
   text, as training read them from CSV); sequence fields take a list of such values or one
-  string joined with the feature's separator.
+  string joined with the feature's separator. A column read by a numeric and a categorical
+  feature also takes a string holding a number, such as ``"44.0"``: the categorical feature
+  matches the training file's text exactly, which a JSON number (read back as ``"44"``) cannot.
 
 Every problem names the candidate index and the field, e.g. ``candidates[3].age: 'abc' is not a
 number``; all problems of a request are collected (up to :data:`MAX_PROBLEMS`) so a client can fix
@@ -29,12 +32,12 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from mtlrec.data.readers import NA_TOKENS
 from mtlrec.errors import MTLRecError
 from mtlrec.schema import Schema
 
-#: Stands for "field absent" in a categorical column; it is in no vocabulary, so it encodes to
-#: the out-of-vocabulary bucket (a fitted vocabulary holding it is refused at load time).
-MISSING = "\x00<missing>"
+#: A missing categorical value, as the encoder reads an empty CSV cell or a null string.
+MISSING = ""
 MAX_PROBLEMS = 20
 
 
@@ -151,11 +154,32 @@ def _numeric(values: list[Any], spec: FieldSpec, required: bool, problems: list[
                 problems.append(Problem("integer is too large for a float", spec.name, i))
         elif v is None:
             out[i] = np.nan
+        elif t is str and spec.as_text:
+            out[i] = _number_in_text(v, spec, i, problems)
         else:
             problems.append(Problem(f"expected a number, got {_describe(v)}", spec.name, i))
     if spec.as_text:  # the other feature on this column reads text; the encoder parses numbers
-        return np.array([None if np.isnan(x) else _number_text(x) for x in out], dtype=object)
+        return np.array(
+            [
+                v if type(v) is str else None if np.isnan(x) else _number_text(x)
+                for v, x in zip(values, out, strict=True)
+            ],
+            dtype=object,
+        )
     return out
+
+
+def _number_in_text(text: str, spec: FieldSpec, index: int, problems: list[Problem]) -> float:
+    """The number a string holds, as the encoder parses a CSV cell (NA tokens: missing)."""
+    if text.strip() in NA_TOKENS:
+        return np.nan
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not math.isfinite(value):
+        problems.append(Problem(f"{_describe(text)} is not a finite number", spec.name, index))
+    return value
 
 
 def _number_text(x: float) -> str:

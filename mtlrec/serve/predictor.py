@@ -18,7 +18,6 @@ import torch
 from mtlrec.data.encoder import Encoder
 from mtlrec.data.table import TensorTable
 from mtlrec.errors import MTLRecError
-from mtlrec.serve.candidates import MISSING
 
 ARTIFACT_VERSION = 1
 METADATA = "metadata.json"
@@ -51,7 +50,6 @@ def load_predictor(path: str | Path) -> Predictor:
 
         config, encoder, model = load_run(path)
         pred = Predictor(encoder, config["model"]["name"], "run", eager_predict(model), path)
-    _check_vocabularies(pred.encoder)
     return pred
 
 
@@ -138,9 +136,3 @@ def load_onnx(path: Path) -> Predict:
         return cond, joint
 
     return run
-
-
-def _check_vocabularies(encoder: Encoder) -> None:
-    for name, state in encoder.state.items():
-        if MISSING in state.get("vocab", ()):
-            raise MTLRecError(f"feature {name!r}: its vocabulary holds the reserved missing token")
