@@ -91,6 +91,38 @@ def test_sequence_tokens_skip_empty_parts_and_missing_cells_with_any_separator()
     ]
 
 
+def test_a_list_column_reads_like_the_same_values_joined_by_the_separator(tmp_path):
+    """Parquet stores multi-value fields as lists (list<string>, list<int64>); each item is a
+    token, as if the list were written as text joined by ``sep``. Read back through pandas, each
+    row is an array."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from mtlrec.data.readers import read_frame
+
+    schema = Schema([Feature("s", "sequence", max_len=3), Feature("n", "sequence")], [Task("y")])
+    text = pd.DataFrame(
+        {"s": ["x|y", "", "y|z|w|v", "x"], "n": ["1|2", "3", "", "2"], "y": [0, 1, 0, 1]}
+    )
+    lists = pa.table(
+        {
+            "s": pa.array(
+                [["x", "y"], None, ["y", "z", "w", "v"], ["", "x"]], pa.list_(pa.string())
+            ),
+            "n": pa.array([[1, 2], [3], [], [2]], pa.list_(pa.int64())),
+            "y": [0, 1, 0, 1],
+        }
+    )
+    pq.write_table(lists, tmp_path / "lists.parquet")
+    frame = read_frame(tmp_path / "lists.parquet")
+    from_text, from_lists = Encoder(schema).fit(text), Encoder(schema).fit(frame)
+    assert from_lists.state == from_text.state
+    assert torch.equal(from_lists.transform(frame).seq, from_text.transform(text).seq)
+    nested = pd.DataFrame({"s": [[["x"]], [["y"]]], "n": ["1", "2"], "y": [0, 1]})
+    with pytest.raises(DataError, match="train: column 's': sequence feature 's' holds lists"):
+        Encoder(schema).fit(nested, where="train")
+
+
 def test_round_trip_through_json_file_encodes_identically(tmp_path, funnel_schema):
     train, other = funnel_frame(500, seed=3), funnel_frame(200, seed=4)
     enc = Encoder(funnel_schema).fit(train)

@@ -457,7 +457,11 @@ def fit_encoder_stream(
                     if feat.name in samples:
                         samples[feat.name].add(finite)
                 elif feat.name in counts:
-                    tokens = _tokens(column, feat) if feat.type == "sequence" else _as_text(column)
+                    tokens = (
+                        _tokens(column, feat, where=piece.file)
+                        if feat.type == "sequence"
+                        else _as_text(column)
+                    )
                     parts = counts[feat.name]
                     parts.append(tokens.value_counts(sort=False))
                     if len(parts) >= 16:  # keep the pending partial counts few
