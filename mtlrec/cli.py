@@ -92,7 +92,7 @@ def train(
         if stream:
             overrides.append({"train": {"stream": True}})
         resolved = cfg.resolve(user, overrides)
-        echo = (lambda *_: None) if quiet else (lambda msg: err.print(msg, highlight=False))
+        echo = _quiet_echo if quiet else _echo
         metrics = train_run(resolved, out, resume=resume, echo=echo)
     except MTLRecError as exc:
         _fail(exc)
@@ -101,6 +101,17 @@ def train(
             metrics, title=f"{resolved['model']['name']} on {resolved['dataset']['name']}"
         )
         console.print(f"wrote {out / 'metrics.json'}", highlight=False)
+
+
+def _echo(msg: str) -> None:
+    """One line to stderr, never wrapped (a log file must keep each warning on one line)."""
+    err.print(msg, highlight=False, soft_wrap=True)
+
+
+def _quiet_echo(msg: str) -> None:
+    """--quiet drops the progress lines, never a warning about the data or the run."""
+    if msg.startswith("warning:"):
+        _echo(msg)
 
 
 def _train_overrides(
@@ -182,6 +193,7 @@ def sweep(
         markdown,
         plan,
         run_jobs,
+        run_warnings,
         stale_runs,
         summarise,
         write_figure,
@@ -200,6 +212,8 @@ def sweep(
 
     try:
         model_names = _comma_list([models])
+        if not model_names:
+            raise MTLRecError(f"--models {models!r}: name at least one model (mtlrec list models)")
         balancer_names: list[str | None] = list(_comma_list([balancers])) or [None]
         try:
             seed_values = [int(x) for x in _comma_list([seeds])]
@@ -240,6 +254,8 @@ def sweep(
         _fail(exc)
     err.print(f"sweep: {len(jobs)} runs, {parallel} at a time, in {out}", highlight=False)
     statuses = run_jobs(jobs, train_args, parallel, force=force)
+    for line in run_warnings(jobs):
+        _echo(line)
     try:
         summary = summarise(jobs, statuses, rank_by)
     except MTLRecError as exc:

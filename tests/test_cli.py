@@ -99,6 +99,19 @@ def test_same_seed_same_metrics(own_files):
     assert (a / "metrics.json").read_text() == (b / "metrics.json").read_text()
 
 
+def test_quiet_keeps_the_data_warnings(own_files):
+    """--quiet (and so every sweep run) drops progress lines, not the warnings about the data:
+    validation user ids written as "u5.0" while training has "u5" are all out of vocabulary."""
+    valid = pd.read_parquet(own_files / "valid.parquet")
+    valid["user"] = valid["user"] + ".0"
+    valid.to_parquet(own_files / "valid.parquet")
+    result = _train_own(own_files, own_files / "run", "--epochs", "1")
+    assert result.exit_code == 0, result.output
+    warned = [line for line in result.output.splitlines() if line.startswith("warning:")]
+    assert len(warned) == 1 and "column 'user': 100% of its values were never seen" in warned[0]
+    assert "epoch 1" not in result.output
+
+
 def _error_line(result) -> str:
     assert result.exit_code == 2, result.output
     lines = [line for line in result.output.splitlines() if line.strip()]

@@ -12,7 +12,7 @@ from typer.testing import CliRunner
 
 from mtlrec.cli import app
 from mtlrec.errors import ConfigError
-from mtlrec.train.sweep import markdown, plan, summarise
+from mtlrec.train.sweep import markdown, plan, run_warnings, summarise
 from tests.conftest import FUNNEL_SCHEMA, files_dataset, funnel_frame
 
 runner = CliRunner()
@@ -140,6 +140,7 @@ def test_cli_sweep_trains_ranks_and_reuses(tmp_path):
         (["--models", "mmoe", "--seeds", "1,x"], "expected comma-separated integers"),
         (["--models", "mmoe", "--set", "model.dropout=2"], "model.dropout must be in [0, 1)"),
         (["--models", "mmoe", "--set", "train.lr=-1"], "train.lr must be > 0"),
+        (["--models", ""], "--models '': name at least one model"),
     ],
 )
 def test_cli_sweep_checks_everything_before_training(tmp_path, extra, needle):
@@ -148,3 +149,27 @@ def test_cli_sweep_checks_everything_before_training(tmp_path, extra, needle):
     )
     assert result.exit_code == 2 and needle in result.output
     assert not (tmp_path / "s").exists()
+
+
+def test_cli_sweep_checks_the_schema_before_training(tmp_path):
+    frames = {"train": funnel_frame(100, 1), "valid": funnel_frame(50, 2)}
+    schema = {
+        **FUNNEL_SCHEMA,
+        "tasks": [{"name": "click"}, {"name": "purchase", "depends_on": "clik"}],
+    }
+    files_dataset(tmp_path / "data", frames, schema)
+    args = ["sweep", "--out", str(tmp_path / "s"), "--models", "mmoe", "--seeds", "1"]
+    args += ["--train", str(tmp_path / "data" / "train.csv")]
+    args += ["--valid", str(tmp_path / "data" / "valid.csv")]
+    args += ["--schema", str(tmp_path / "data" / "schema.yaml")]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 2 and "'clik'" in result.output, result.output
+    assert not (tmp_path / "s").exists()
+
+
+def test_run_warnings_are_read_once_from_the_logs(tmp_path):
+    jobs = plan(tmp_path, ["mmoe", "ple"], ["ew"], [1])
+    for job in jobs:
+        job.out.mkdir(parents=True)
+        (job.out / "train.log").write_text("epoch 1\nwarning: x: column 'u': 100% unseen\ndone\n")
+    assert run_warnings(jobs) == ["warning: x: column 'u': 100% unseen"]

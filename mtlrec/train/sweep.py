@@ -31,6 +31,7 @@ from mtlrec.config import RESUMABLE_KEYS, REUSABLE_KEYS, config_changes, split_n
 from mtlrec.errors import ConfigError
 from mtlrec.models.base import build_config
 from mtlrec.models.registry import model_class
+from mtlrec.schema import Schema
 from mtlrec.train.metrics import monitor_value
 
 SUMMARY_JSON = "sweep.json"
@@ -90,6 +91,20 @@ def check_config(config: dict[str, Any]) -> None:
     train_config(config["train"])
     name, options = split_named(config["model"], "model")
     build_config(model_class(name).Config, options, name)
+    if config["dataset"].get("schema"):  # a typo in depends_on fails now, not in every run
+        Schema.load(config["dataset"]["schema"])
+
+
+def run_warnings(jobs: Sequence[Job]) -> list[str]:
+    """The distinct ``warning:`` lines of the runs' train.log files (a run trains with --quiet,
+    which keeps its warnings: about the data they are the same for every run, so once each)."""
+    lines: dict[str, None] = {}
+    for job in jobs:
+        log = job.out / "train.log"
+        if log.exists():
+            text = log.read_text(errors="replace")
+            lines.update(dict.fromkeys(x for x in text.splitlines() if x.startswith("warning:")))
+    return list(lines)
 
 
 def stale_runs(jobs: Sequence[Job], expected: Callable[[Job], dict[str, Any]]) -> list[str]:
