@@ -314,7 +314,7 @@ def evaluate(
     from mtlrec.train.run import evaluate_run
 
     try:
-        metrics = evaluate_run(run_dir, data)
+        metrics = evaluate_run(run_dir, data, warn=_echo)
     except MTLRecError as exc:
         _fail(exc)
     _print_metrics(metrics, title=str(run_dir))
@@ -344,8 +344,9 @@ def predict(
     columns = _comma_list(keep or [])
     try:
         summary = predict_file(
-            run_dir, data, out, keep=columns, fusion=fusion, batch_size=batch_size, progress=True
-        )
+            run_dir, data, out, keep=columns, fusion=fusion, batch_size=batch_size,
+            progress=True, warn=_echo,
+        )  # fmt: skip
     except MTLRecError as exc:
         _fail(exc)
     rate = summary.rows / max(summary.seconds, 1e-9)
@@ -362,6 +363,8 @@ def compare(
     split: Annotated[str, typer.Option(help="valid or test")] = "test",
 ) -> None:
     """Per-task metrics of several runs side by side."""
+    if split not in ("valid", "test"):
+        _fail(MTLRecError(f"--split {split!r}: choose valid or test"))
     table = Table(title=f"{split} metrics")
     table.add_column("run")
     rows = []
@@ -370,7 +373,10 @@ def compare(
         path = run / "metrics.json"
         if not path.exists():
             _fail(MTLRecError(f"{path}: not found (is {run} a finished run?)"))
-        metrics = json.loads(path.read_text()).get(split, {})
+        try:
+            metrics = json.loads(path.read_text()).get(split) or {}
+        except (json.JSONDecodeError, UnicodeDecodeError, AttributeError) as exc:
+            _fail(MTLRecError(f"{path}: not a metrics file ({str(exc).splitlines()[0]})"))
         flat = {f"{t} {k}": v for t, m in metrics.items() for k, v in m.items() if k != "rows"}
         columns += [c for c in flat if c not in columns]
         rows.append((run.name, flat))

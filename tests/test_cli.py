@@ -173,3 +173,57 @@ def test_missing_file_and_unknown_dataset(own_files):
 
 def test_evaluate_on_a_non_run_dir_exits_2(tmp_path):
     assert "not a finished run" in _error_line(runner.invoke(app, ["evaluate", str(tmp_path)]))
+
+
+def test_damaged_or_incomplete_runs_exit_2_with_one_line(own_files, tmp_path):
+    run = own_files / "run"
+    assert _train_own(own_files, run, "--epochs", "1").exit_code == 0
+    data = ["--data", str(own_files / "test.csv"), "--out", str(tmp_path / "s.csv")]
+    model = (run / "model.pt").read_bytes()
+    (run / "model.pt").write_bytes(model[: len(model) // 2])
+    assert "model.pt: cannot load the model" in _error_line(
+        runner.invoke(app, ["predict", str(run), *data])
+    )
+    (run / "model.pt").write_bytes(b"")
+    assert "model.pt: cannot load" in _error_line(runner.invoke(app, ["evaluate", str(run)]))
+    (run / "model.pt").write_bytes(model)
+    (run / "config.yaml").write_text("train: [1,\n")
+    assert "config.yaml: cannot read" in _error_line(runner.invoke(app, ["evaluate", str(run)]))
+    (run / "metrics.json").write_text('{"test": {"click": {"auc": 0.7')
+    assert "not a metrics file" in _error_line(runner.invoke(app, ["compare", str(run)]))
+    line = _error_line(runner.invoke(app, ["compare", str(run), "--split", "validation"]))
+    assert "--split 'validation': choose valid or test" in line
+
+
+def test_a_run_without_test_split_says_so(own_files):
+    args = [
+        "train", "--train", str(own_files / "train.csv"), "--valid",
+        str(own_files / "valid.parquet"), "--schema", str(own_files / "schema.yaml"),
+        "--epochs", "1", "--out", str(own_files / "run"),
+    ]  # fmt: skip
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0 and "note: no test split" in result.output
+    line = _error_line(runner.invoke(app, ["evaluate", str(own_files / "run")]))
+    assert "has no test split" in line and "--data FILE" in line
+
+
+def test_out_that_is_a_file_and_an_empty_validation_file_are_named(own_files):
+    line = _error_line(_train_own(own_files, own_files / "train.csv"))
+    assert "train.csv: a file is in the way" in line
+    pd.read_parquet(own_files / "valid.parquet").head(0).to_parquet(own_files / "valid.parquet")
+    line = _error_line(_train_own(own_files, own_files / "run"))
+    assert "valid.parquet: the validation split has no rows" in line
+
+
+def test_run_files_get_the_umask_mode_not_owner_only(own_files):
+    """Files are written through a temporary file (mkstemp: mode 0600) and renamed; they must
+    end with the mode any new file gets, so e.g. a serving account can read model.pt."""
+    import os
+
+    mask = os.umask(0o022)
+    try:
+        assert _train_own(own_files, own_files / "run", "--epochs", "1").exit_code == 0
+    finally:
+        os.umask(mask)
+    for name in ("model.pt", "checkpoint.pt", "metrics.json", "history.json", "config.yaml"):
+        assert (own_files / "run" / name).stat().st_mode & 0o777 == 0o644, name

@@ -226,3 +226,43 @@ def test_a_fusion_file_adds_the_served_ranking_score(finished_run, test_csv, tmp
     bad.write_text("serve:\n  weights: {like: 1.0}\n")
     with pytest.raises(ConfigError, match="like"):
         predict_file(finished_run, test_csv, tmp_path / "b.parquet", fusion=bad)
+
+
+def test_an_output_over_its_input_is_refused(finished_run, test_csv, tmp_path):
+    copy = tmp_path / "cands.csv"
+    copy.write_bytes(test_csv.read_bytes())
+    with pytest.raises(ConfigError, match="would overwrite the input"):
+        predict_file(finished_run, copy, copy)
+    assert copy.read_bytes() == test_csv.read_bytes()
+    folder = tmp_path / "parts"
+    folder.mkdir()
+    pd.read_csv(test_csv).to_parquet(folder / "a.parquet")
+    with pytest.raises(ConfigError, match="would overwrite the input"):
+        predict_file(finished_run, folder, folder / "scores.parquet")
+
+
+def test_a_non_finite_fused_score_is_missing_as_in_the_service(finished_run, test_csv, tmp_path):
+    fusion = tmp_path / "fusion.yaml"
+    fusion.write_text("serve:\n  kind: expression\n  expression: 'click + log(0 * purchase)'\n")
+    scores = pd.read_parquet(
+        predict_file(finished_run, test_csv, tmp_path / "s.parquet", fusion=fusion).out
+    )
+    assert scores["score"].isna().all()
+
+
+def test_mostly_unseen_values_are_warned_about(finished_run, test_csv, tmp_path):
+    frame = pd.read_csv(test_csv, dtype=str, keep_default_na=False)
+    frame["user"] = frame["user"] + ".0"  # ids written as floats by another export
+    src = tmp_path / "floats.csv"
+    frame.to_csv(src, index=False)
+    lines: list[str] = []
+    predict_file(finished_run, src, tmp_path / "s.parquet", warn=lines.append)
+    assert len(lines) == 1 and "column 'user': 100% of its values were never seen" in lines[0]
+    from mtlrec.train.run import evaluate_run
+
+    evaluated: list[str] = []
+    evaluate_run(finished_run, str(src), warn=evaluated.append)
+    assert evaluated == lines
+    lines.clear()
+    predict_file(finished_run, test_csv, tmp_path / "t.parquet", warn=lines.append)
+    assert lines == []

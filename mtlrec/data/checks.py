@@ -52,3 +52,16 @@ def unseen_value_warnings(
             "format in every file"
         )
     return lines
+
+
+SAMPLE_ROWS = 10_000
+
+
+def unseen_in_file_warnings(
+    encoder: Encoder, frame: pd.DataFrame, where: str, first_row: int = 0
+) -> list[str]:
+    """:func:`unseen_value_warnings` for a file scored or evaluated with a finished run, from the
+    first rows of its first chunk (the whole file is not held in memory)."""
+    head = frame.head(SAMPLE_ROWS)
+    table = encoder.transform(head, where=where, labels=False, first_row=first_row)
+    return unseen_value_warnings(encoder, table, head, where)

@@ -30,6 +30,7 @@ import numpy as np
 import pandas as pd
 
 from mtlrec.config import TrainConfig
+from mtlrec.data.checks import unseen_in_file_warnings
 from mtlrec.data.encoder import Encoder
 from mtlrec.data.stream import READ_ROWS, exact_name, file_chunks
 from mtlrec.data.table import TensorTable
@@ -102,13 +103,18 @@ def predict_file(
     batch_size: int | None = None,
     read_rows: int = READ_ROWS,
     progress: bool = False,
+    warn: Callable[[str], None] | None = None,
 ) -> PredictSummary:
     """Score every row of ``data`` with the run (or export folder) in ``run_dir`` and write
     ``out`` (.parquet, .pq or .csv). ``keep``: input columns to copy into the output;
-    ``fusion``: a fusion YAML file, adds the fused ``score`` column."""
+    ``fusion``: a fusion YAML file, adds the fused ``score`` column; ``warn``: called with each
+    warning about the data (mostly unseen values in a categorical column)."""
     out = Path(out)
     if not out.name.lower().endswith(OUTPUT_SUFFIXES):
         raise ConfigError(f"{out}: the output must end in {', '.join(OUTPUT_SUFFIXES)}")
+    source = Path(data).resolve()
+    if out.resolve() == source or source in out.resolve().parents:
+        raise ConfigError(f"--out {out}: it would overwrite the input {data}; write elsewhere")
     encoder, model, default_batch = _load(Path(run_dir))
     batch = int(batch_size or default_batch)
     keep = list(dict.fromkeys(keep))
@@ -126,6 +132,9 @@ def predict_file(
     try:
         with _ProgressBar(progress, total) as advance:
             for where, first_row, frame in chunks:
+                if rows == 0 and warn is not None:
+                    for line in unseen_in_file_warnings(encoder, frame, where, first_row):
+                        warn(line)
                 preds = predict_frame(
                     model, encoder, frame, batch_size=batch, where=where, first_row=first_row
                 )
@@ -158,7 +167,12 @@ def _fusion(path: str | Path, schema: Schema) -> Callable[[pd.DataFrame], np.nda
     columns = [
         f"pred_{t.name}_joint" if joint and t.depends_on else f"pred_{t.name}" for t in schema.tasks
     ]
-    return lambda preds: fusion(preds[columns].to_numpy(dtype=np.float64))
+
+    def fused(preds: pd.DataFrame) -> np.ndarray:
+        score = fusion(preds[columns].to_numpy(dtype=np.float64))
+        return np.where(np.isfinite(score), score, np.nan)  # the service's null (e.g. log(0))
+
+    return fused
 
 
 def _load(path: Path) -> tuple[Encoder, MTLModel | Score, int]:

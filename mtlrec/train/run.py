@@ -17,6 +17,7 @@ import logging
 import math
 import random
 import time
+from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -76,6 +77,8 @@ def _train_run(
     config: dict[str, Any], tcfg: TrainConfig, out: Path, resume: bool, echo
 ) -> dict[str, Any]:
     main = dist.is_main()  # rank 0 (or the only process) writes files and prints
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {out}: a file is in the way; name a folder for the run")
     if resume:  # checked on rank 0, raised on every rank (none is left in a collective)
         changes = dist.broadcast_object(_resume_changes(out, config) if main else [])
         if changes:
@@ -125,8 +128,8 @@ def _train_run(
         train = encoder.transform(splits.train, where=_where(splits.train, "train"))
     valid_where = _where(valid_frame, "valid")
     valid = encoder.transform(valid_frame, where=valid_where)
-    if len(train) == 0 or len(valid) == 0:
-        raise DataError("the train and validation splits need at least one row each")
+    if len(valid) == 0:
+        raise DataError(f"{valid_where}: the validation split has no rows")
     for line in undefined_auc_warnings(schema, valid.labels, valid_where):
         echo(line)
     in_memory = train if isinstance(train, TensorTable) else None
@@ -198,6 +201,9 @@ def _train_run(
     metrics = _clean(metrics)
     if not main:
         return metrics
+    if not len(test):
+        echo("note: no test split (--test FILE or dataset.test_fraction): metrics.json holds "
+             "validation metrics only")  # fmt: skip
     save_json(metrics, out / "metrics.json")
     save_json(
         {
@@ -229,13 +235,30 @@ def load_run(run_dir: str | Path) -> tuple[dict[str, Any], Encoder, MTLModel]:
     for name in ("config.yaml", "encoder.json", "model.pt"):
         if not (run / name).exists():
             raise MTLRecError(f"{run}: not a finished run directory ({name} is missing)")
-    config = yaml.safe_load((run / "config.yaml").read_text())
+    try:
+        config = yaml.safe_load((run / "config.yaml").read_text())
+    except (yaml.YAMLError, UnicodeDecodeError) as exc:
+        raise MTLRecError(f"{run / 'config.yaml'}: cannot read ({_first_line(exc)})") from None
+    if not isinstance(config, dict) or not isinstance(config.get("train"), dict):
+        raise MTLRecError(f"{run / 'config.yaml'}: not a run's configuration")
     encoder = Encoder.load(run / "encoder.json")
-    saved = torch.load(run / "model.pt", weights_only=False, map_location="cpu")
-    model = build_model(saved["model"], encoder.schema, encoder.layout(), saved["options"])
-    model.load_state_dict(saved["state_dict"])
+    try:
+        saved = torch.load(run / "model.pt", weights_only=False, map_location="cpu")
+        model = build_model(saved["model"], encoder.schema, encoder.layout(), saved["options"])
+        model.load_state_dict(saved["state_dict"])
+    except MTLRecError:
+        raise
+    except Exception as exc:  # truncated copy, another file under that name, other weights
+        raise MTLRecError(
+            f"{run / 'model.pt'}: cannot load the model (truncated or corrupt? {_first_line(exc)})"
+        ) from None
     model.eval()
     return config, encoder, model
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__
 
 
 def eval_batch_size(config: dict[str, Any]) -> int:
@@ -243,20 +266,28 @@ def eval_batch_size(config: dict[str, Any]) -> int:
     return int(config["train"].get("eval_batch_size", TrainConfig.eval_batch_size))
 
 
-def evaluate_run(run_dir: str | Path, data: str | None = None) -> dict[str, Any]:
+def evaluate_run(
+    run_dir: str | Path, data: str | None = None, warn: Callable[[str], None] | None = None
+) -> dict[str, Any]:
     """Metrics of a finished run on its dataset's test split, or on a given file (a Parquet file
-    or folder is read a record batch at a time; only the predictions and labels are kept)."""
+    or folder is read a record batch at a time; only the predictions and labels are kept).
+    ``warn``: called with each warning about the file (mostly unseen categorical values)."""
     config, encoder, model = load_run(run_dir)
     batch = eval_batch_size(config)
     if data:
-        return _clean({Path(data).name: _evaluate_file(model, encoder, data, batch)})
+        return _clean({Path(data).name: _evaluate_file(model, encoder, data, batch, warn)})
     splits = load_splits(config)
+    if len(splits.test) == 0:
+        raise MTLRecError(
+            f"{run_dir}: this run has no test split (no --test file or dataset.test_fraction); "
+            "evaluate a labelled file with --data FILE"
+        )
     table = encoder.transform(splits.test, where=_where(splits.test, "test"))
     return _clean({"test": evaluate(model, table, batch)})
 
 
 def _evaluate_file(
-    model: MTLModel, encoder: Encoder, data: str, batch: int
+    model: MTLModel, encoder: Encoder, data: str, batch: int, warn: Callable[[str], None] | None
 ) -> dict[str, dict[str, float]]:
     from mtlrec.data.stream import file_chunks
 
@@ -266,6 +297,9 @@ def _evaluate_file(
     labels, cond, joint = [], [], []
     for where, first_row, frame in chunks:
         table = encoder.transform(frame, where=where, first_row=first_row)
+        if not labels and warn is not None:
+            for line in unseen_value_warnings(encoder, table, frame, where):
+                warn(line)
         c, j = predict(model, table, batch)
         labels.append(table.labels)
         cond.append(c)
