@@ -166,6 +166,11 @@ def test_binary_labels_written_as_true_false_read_as_one_zero():
         ("y", "", "column 'y' row 1"),
         ("y", "nan", "column 'y' row 1"),
         ("x", "abc", "column 'x' row 1: 'abc' is not a number"),
+        (
+            "x",
+            "1e200",
+            r"column 'x' row 1: '1e200' is too large for feature 'x' \(\|x\| > 1e\+30\)",
+        ),
     ],
 )
 def test_bad_values_name_column_and_row(column, value, needle):
@@ -173,6 +178,13 @@ def test_bad_values_name_column_and_row(column, value, needle):
     frame.loc[1, column] = value
     with pytest.raises(DataError, match=needle):
         Encoder(_schema()).fit(frame).transform(frame, where="train.csv")
+
+
+def test_a_huge_value_is_fine_after_log():
+    schema = Schema([Feature("x", "numeric", log=True)], [Task("y")])
+    frame = pd.DataFrame({"x": ["1e200", "1", "10"], "y": ["0", "1", "0"]})
+    table = Encoder(schema).fit(frame).transform(frame)
+    assert torch.isfinite(table.num).all() and table.num[:, 0].std() > 0
 
 
 def test_missing_column_is_named():

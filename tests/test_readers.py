@@ -85,3 +85,31 @@ def test_another_separator_is_recognised_and_named(tmp_path, sep, needle):
     with pytest.raises(DataError, match=needle):
         read_frame(path, columns=["user", "click"])
     assert read_frame(path, columns=["user", "click"], sep=sep)["user"].tolist() == ["a", "b"]
+
+
+@pytest.mark.parametrize(
+    "header, needle",
+    [
+        (
+            "user,price,click,price",
+            r"column 'price' appears twice in the header \(columns 2 and 4\)",
+        ),
+        (
+            "user, price,click,price ",
+            r"column 'price' appears twice in the header \(columns 2 and 4\)",
+        ),
+    ],
+)
+def test_a_repeated_column_name_is_refused(tmp_path, header, needle):
+    """pandas would rename the second 'price' to 'price.1' and the first would be used."""
+    path = tmp_path / "dup.csv.gz"
+    with gzip.open(path, "wt") as fh:
+        fh.write(f"{header}\nu1,1.0,0,2.0\n")
+    with pytest.raises(DataError, match=f"dup.csv.gz: {needle}"):
+        read_frame(path, columns=["user", "price"])
+
+
+def test_a_name_that_only_looks_renamed_is_fine(tmp_path):
+    path = tmp_path / "ok.csv"
+    path.write_text("price,price.1\n1,2\n")
+    assert list(read_frame(path).columns) == ["price", "price.1"]

@@ -325,9 +325,25 @@ def _token_lists(column: pd.Series, feat: Feature, where: str) -> Any:
         ) from None
 
 
+# Standardised features are float32 tensors, and the training std squares the values: a value
+# beyond this (after ``log``) would become inf, or make every value of the feature 0.
+LARGEST_NUMERIC = 1e30
+
+
 def _numeric(column: pd.Series, where: str, feat: Feature, first_row: int = 0) -> np.ndarray:
     values = _to_float(column, where, feat.source, first_row)
-    return np.sign(values) * np.log1p(np.abs(values)) if feat.log else values
+    if feat.log:
+        values = np.sign(values) * np.log1p(np.abs(values))
+    with np.errstate(invalid="ignore"):
+        huge = np.abs(values) > LARGEST_NUMERIC
+    if huge.any():
+        row = int(np.flatnonzero(huge)[0])
+        raise DataError(
+            f"{where}: column {feat.source!r} row {first_row + row}: {_cell(column.iloc[row])} is "
+            f"too large for feature {feat.name!r} (|x| > {LARGEST_NUMERIC:g}); rescale it or set "
+            "log: true"
+        )
+    return values
 
 
 def _bucket(values: np.ndarray, edges: list[float]) -> np.ndarray:

@@ -6,6 +6,7 @@ row and column of a bad value. Parquet columns keep their types and are converte
 
 from __future__ import annotations
 
+import re
 import warnings
 from pathlib import Path
 
@@ -74,6 +75,8 @@ def read_frame(
         if type(exc).__module__.startswith("pyarrow"):
             raise DataError(f"{path}: cannot read Parquet ({_first_line(exc)})") from exc
         raise
+    if header and not is_parquet(path) and not path.is_dir():
+        _check_duplicate_header(frame, path, sep)
     frame.columns = [str(c).strip() for c in frame.columns]
     frame.attrs["source"] = str(path)
     if columns is not None:
@@ -95,6 +98,28 @@ def _check_separator(frame: pd.DataFrame, columns: list[str], path: Path, sep: s
                 f"{path}: the header {header[:60]!r} looks separated by {name}, not {sep!r}; "
                 f"set it with --set 'dataset.sep={yaml_value}'"
             )
+
+
+def _check_duplicate_header(frame: pd.DataFrame, path: Path, sep: str) -> None:
+    """pandas renames a repeated CSV column 'price' to 'price.1' and reads on: the schema would
+    silently get the first of two columns. The header is read raw only when a name looks
+    renamed (or repeats once stripped of spaces)."""
+    names = [str(c) for c in frame.columns]
+    stripped = [n.strip() for n in names]
+    renamed = any(
+        (m := re.fullmatch(r"(.+)\.(\d+)", n)) is not None and m.group(1) in names for n in names
+    )
+    if renamed:
+        raw = pd.read_csv(path, sep=sep, header=None, nrows=1, dtype=str, keep_default_na=False)
+        stripped = [str(v).strip() for v in raw.iloc[0]] if len(raw) else stripped
+    seen: dict[str, int] = {}
+    for i, name in enumerate(stripped):
+        if name in seen:
+            raise DataError(
+                f"{path}: column {name!r} appears twice in the header (columns {seen[name] + 1} "
+                f"and {i + 1}); rename one"
+            )
+        seen[name] = i
 
 
 def is_parquet(path: str | Path) -> bool:
