@@ -225,7 +225,7 @@ def sweep(
         user = cfg.load_yaml(config) if config else {}
         for m in model_names:  # every key and value too
             for b in balancer_names:
-                check_config(resolved(m, b))
+                check_config(resolved(m, b), rank_by)
         if balancer_names == [None]:  # name the configured balancer in folders and tables
             balancer_names = [resolved(model_names[0], None)["balance"]["name"]]
         jobs = plan(out, model_names, balancer_names, seed_values)

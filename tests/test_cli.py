@@ -227,3 +227,13 @@ def test_run_files_get_the_umask_mode_not_owner_only(own_files):
         os.umask(mask)
     for name in ("model.pt", "checkpoint.pt", "metrics.json", "history.json", "config.yaml"):
         assert (own_files / "run" / name).stat().st_mode & 0o777 == 0o644, name
+
+
+def test_compile_with_a_per_task_balancer_fails_before_reading_data(own_files):
+    line = _error_line(
+        _train_own(
+            own_files, own_files / "run", "--balance", "pcgrad", "--set", "train.compile=true"
+        )
+    )
+    assert "train.compile: balancer 'pcgrad'" in line
+    assert not (own_files / "run").exists()

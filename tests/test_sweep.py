@@ -82,6 +82,16 @@ def test_failed_runs_are_listed_and_left_out_of_the_means(tmp_path):
     assert "error: boom" in markdown(summary, "cmd")
 
 
+def test_markdown_tables_stay_well_formed_when_every_run_failed(tmp_path):
+    jobs = plan(tmp_path, ["a", "b"], ["ew"], [1])
+    failed = {"status": "failed (exit 2): error: loss is nan"}
+    text = markdown(summarise(jobs, [failed, failed]), "cmd")
+    for table in [block for block in text.split("\n\n") if block.startswith("|")]:
+        widths = {line.count("|") for line in table.splitlines()}
+        assert len(widths) == 1, table  # header, separator and rows: the same column count
+    assert "|  |" not in text and "Paired" not in text
+
+
 def test_plan_rejects_repeats_and_empty_lists(tmp_path):
     with pytest.raises(ConfigError, match="--seeds lists 1 twice"):
         plan(tmp_path, ["a"], ["ew"], [1, 1])
@@ -141,6 +151,10 @@ def test_cli_sweep_trains_ranks_and_reuses(tmp_path):
         (["--models", "mmoe", "--set", "model.dropout=2"], "model.dropout must be in [0, 1)"),
         (["--models", "mmoe", "--set", "train.lr=-1"], "train.lr must be > 0"),
         (["--models", ""], "--models '': name at least one model"),
+        (
+            ["--models", "mmoe", "--balancers", "ew,pcgrad", "--set", "train.compile=true"],
+            "train.compile: balancer 'pcgrad' takes one gradient per task",
+        ),
     ],
 )
 def test_cli_sweep_checks_everything_before_training(tmp_path, extra, needle):
@@ -164,6 +178,10 @@ def test_cli_sweep_checks_the_schema_before_training(tmp_path):
     args += ["--schema", str(tmp_path / "data" / "schema.yaml")]
     result = runner.invoke(app, args)
     assert result.exit_code == 2 and "'clik'" in result.output, result.output
+    assert not (tmp_path / "s").exists()
+    files_dataset(tmp_path / "data", frames, FUNNEL_SCHEMA)
+    result = runner.invoke(app, [*args, "--rank-by", "purchse"])
+    assert result.exit_code == 2 and "--rank-by 'purchse' is not a task" in result.output
     assert not (tmp_path / "s").exists()
 
 

@@ -25,7 +25,7 @@ from typing import Any
 
 import yaml
 
-from mtlrec.balance.base import describe_balancers
+from mtlrec.balance.base import check_compile, describe_balancers
 from mtlrec.bench.runs import run_all, train_or_reuse
 from mtlrec.config import RESUMABLE_KEYS, REUSABLE_KEYS, config_changes, split_named, train_config
 from mtlrec.errors import ConfigError
@@ -85,14 +85,21 @@ def check_names(models: Sequence[str], balancers: Sequence[str | None]) -> None:
         )
 
 
-def check_config(config: dict[str, Any]) -> None:
-    """What can be checked of a run's config without its data: the train section and the
-    model's option keys, types and common ranges."""
-    train_config(config["train"])
+def check_config(config: dict[str, Any], rank_by: str | None = None) -> None:
+    """What can be checked of a run's config without its data: the train section, the model's
+    option keys, types and common ranges, train.compile against the balancer, and with a schema
+    file, the schema and ``rank_by`` (a named dataset's tasks are known once it is loaded)."""
+    tcfg = train_config(config["train"])
     name, options = split_named(config["model"], "model")
     build_config(model_class(name).Config, options, name)
+    check_compile(tcfg.compile, config["balance"]["name"], tcfg.diagnose)
     if config["dataset"].get("schema"):  # a typo in depends_on fails now, not in every run
-        Schema.load(config["dataset"]["schema"])
+        schema = Schema.load(config["dataset"]["schema"])
+        if rank_by is not None and rank_by not in schema.task_names:
+            raise ConfigError(
+                f"--rank-by {rank_by!r} is not a task of the schema; its tasks are "
+                f"{', '.join(schema.task_names)}"
+            )
 
 
 def run_warnings(jobs: Sequence[Job]) -> list[str]:
@@ -282,30 +289,27 @@ def markdown(summary: dict[str, Any], command: str) -> str:
         + "; the test columns are reported, not used to rank. Mean ± sample standard deviation "
         "over seeds.",
         "",
-        "| rank | configuration | seeds | valid score | "
-        + " | ".join(f"test {t} {metric[t]}" for t in tasks)
-        + " | epochs |",
-        "|" + "---|" * (5 + len(tasks)),
+        *_table_head(
+            ["rank", "configuration", "seeds", "valid score"]
+            + [f"test {t} {metric[t]}" for t in tasks]
+            + ["epochs"]
+        ),
     ]
     for i, r in enumerate(rows, 1):
         cells = [_pm(r["test"].get(t, {})) for t in tasks]
         seeds = f"{len(r['seeds_ok'])}" + (
             f" ({len(r['seeds_failed'])} failed)" if r["seeds_failed"] else ""
         )
-        lines.append(
-            f"| {i} | {r['config']} | {seeds} | {_pm(r['valid_score'])} | "
-            + " | ".join(cells)
-            + f" | {_num(r['epochs'], 1)} |"
-        )
-    if summary["reference"] and len(rows) > 1:
+        row = [str(i), r["config"], seeds, _pm(r["valid_score"]), *cells, _num(r["epochs"], 1)]
+        lines.append("| " + " | ".join(row) + " |")
+    if summary["reference"] and len(rows) > 1 and tasks:
         lines += [
             "",
             f"Paired test differences to `{summary['reference']}` (same seeds): mean ± standard "
             "error; a difference within about two standard errors is not distinguishable from "
             "seed noise.",
             "",
-            "| configuration | " + " | ".join(f"Δ {t} {metric[t]}" for t in tasks) + " |",
-            "|" + "---|" * (1 + len(tasks)),
+            *_table_head(["configuration"] + [f"Δ {t} {metric[t]}" for t in tasks]),
         ]
         for r in rows:
             if r["config"] == summary["reference"]:
@@ -316,6 +320,10 @@ def markdown(summary: dict[str, Any], command: str) -> str:
         lines += ["", "Failed runs (see each folder's train.log):", ""]
         lines += [f"- `{f['run']}`: {f['status']}" for f in summary["failed"]]
     return "\n".join(lines) + "\n"
+
+
+def _table_head(columns: list[str]) -> list[str]:
+    return ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
 
 
 def _ranking_sentence(rank_by: str | None) -> str:

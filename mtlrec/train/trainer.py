@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from mtlrec.balance.base import Balancer
+from mtlrec.balance.base import Balancer, check_compile
 from mtlrec.config import TrainConfig
 from mtlrec.data.source import BatchSource, as_source
 from mtlrec.data.table import TensorTable
@@ -126,15 +126,7 @@ class Trainer:
         # element-wise work around the matmuls: +11-22 % samples/s single-threaded on CPU, no
         # gain at 2 threads; benchmarks/speed);
         # evaluation, checkpoints and meta-training use the eager module, which shares weights.
-        if config.compile and (balancer.per_task_backward or monitor is not None):
-            # Measured (torch 2.13, CPU): a second backward through a compiled graph with
-            # retain_graph=True returns wrong gradients, so per-task gradients cannot use it.
-            what = f"balancer {balancer.name!r}" if balancer.per_task_backward else "train.diagnose"
-            raise ConfigError(
-                f"train.compile: {what} takes one gradient per task through the model's graph, "
-                "which a compiled graph does not support; use a loss-weighting balancer (ew, "
-                "fixed, uw, dwa, rlw, famo) or set train.compile=false"
-            )
+        check_compile(config.compile, balancer, monitor is not None)
         self.forward = torch.compile(model) if config.compile else model
         self.device = next(model.parameters()).device
         self.balancer = balancer
