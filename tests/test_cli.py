@@ -29,6 +29,16 @@ def test_list_models_and_datasets():
         assert name in names
 
 
+@pytest.mark.parametrize("kind", ["models", "datasets", "balancers"])
+def test_list_descriptions_are_whole_sentences(kind):
+    """A description is the docstring's first paragraph, not its first source line, which cut
+    some mid-sentence."""
+    result = runner.invoke(app, ["list", kind])
+    for line in result.output.splitlines():
+        name, description = line.split("\t")
+        assert description.endswith((".", ")")), line
+
+
 @pytest.fixture
 def own_files(tmp_path):
     funnel_frame(1500, seed=1).to_csv(tmp_path / "train.csv", index=False)

@@ -16,6 +16,7 @@ import torch
 
 from mtlrec.errors import ConfigError
 from mtlrec.models.base import MTLModel
+from mtlrec.text import summary
 
 BALANCERS: dict[str, type[Balancer]] = {}
 # The modules that define balancers, in the order ``mtlrec list balancers`` shows them.
@@ -125,7 +126,7 @@ def describe_balancers() -> dict[str, str]:
         return FAMILIES.index(module) if module in FAMILIES else len(FAMILIES)
 
     ordered = sorted(BALANCERS.items(), key=family)  # stable: keeps definition order
-    return {n: (c.__doc__ or "").strip().splitlines()[0] for n, c in ordered}
+    return {n: summary(c.__doc__) for n, c in ordered}
 
 
 def _coerce(kind: type[BalancerConfig], options: dict[str, Any]) -> dict[str, Any]:

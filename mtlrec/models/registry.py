@@ -8,6 +8,7 @@ from mtlrec.data.encoder import InputLayout
 from mtlrec.errors import ConfigError
 from mtlrec.models.base import MTLModel, build_config
 from mtlrec.schema import Schema
+from mtlrec.text import summary
 
 MODELS: dict[str, type[MTLModel]] = {}
 
@@ -40,9 +41,7 @@ def build_model(
 
 def describe_models() -> dict[str, str]:
     _load_all()
-    return {
-        name: (cls.__doc__ or "").strip().splitlines()[0] for name, cls in sorted(MODELS.items())
-    }
+    return {name: summary(cls.__doc__) for name, cls in sorted(MODELS.items())}
 
 
 def _load_all() -> None:

@@ -11,6 +11,7 @@ import pandas as pd
 
 from mtlrec.errors import ConfigError
 from mtlrec.schema import Schema
+from mtlrec.text import summary
 
 
 @dataclass
@@ -52,7 +53,7 @@ def load_dataset(name: str, *, max_rows: int | None = None, seed: int = 2024, **
 
 def describe_datasets() -> dict[str, str]:
     _load_all()
-    return {n: (fn.__doc__ or "").strip().splitlines()[0] for n, fn in sorted(DATASETS.items())}
+    return {n: summary(fn.__doc__) for n, fn in sorted(DATASETS.items())}
 
 
 def _load_all() -> None:
