@@ -14,6 +14,7 @@ user's ``--config`` file < ``--set section.key=value`` and the dedicated flags.
 from __future__ import annotations
 
 import copy
+import math
 from dataclasses import asdict, dataclass, fields
 from importlib import resources
 from pathlib import Path
@@ -84,6 +85,9 @@ class TrainConfig:
             raise ConfigError(f"train.lr must be > 0 (got {self.lr})")
         if not self.weight_decay >= 0:  # also NaN
             raise ConfigError(f"train.weight_decay must be >= 0 (got {self.weight_decay})")
+        for key in ("lr", "weight_decay", "inner_lr"):  # inf would train to NaN weights
+            if math.isinf(getattr(self, key)):
+                raise ConfigError(f"train.{key} must be finite (got {getattr(self, key)})")
         self.torch_device()  # fail early on a bad or unavailable device
         if not 0 < self.lr_decay <= 1:
             raise ConfigError("train.lr_decay must be in (0, 1]")
@@ -93,8 +97,10 @@ class TrainConfig:
             raise ConfigError(f"train.precision: {self.precision!r} is not 'fp32' or 'bf16'")
         if self.shuffle_buffer < 1:
             raise ConfigError("train.shuffle_buffer must be >= 1")
-        if self.stream_threshold_mb < 0:
-            raise ConfigError("train.stream_threshold_mb must be >= 0")
+        if not self.stream_threshold_mb >= 0:  # also NaN; .inf: never stream automatically
+            raise ConfigError(
+                f"train.stream_threshold_mb must be >= 0 (got {self.stream_threshold_mb})"
+            )
         if not self.inner_lr > 0:
             raise ConfigError(f"train.inner_lr must be > 0 (got {self.inner_lr})")
         if self.inner_steps < 1:
@@ -126,16 +132,68 @@ def preset(dataset: str | None) -> dict[str, Any]:
 
 def load_yaml(path: str | Path) -> dict[str, Any]:
     path = Path(path)
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except OSError as exc:
-        raise ConfigError(f"{path}: cannot read config ({exc.strerror})") from exc
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML ({exc})") from exc
+    data = read_yaml(path, "config")
+    if data is None:  # an empty file: nothing to change
+        data = {}
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: a config must be a mapping of sections")
     check_sections(data, str(path))
     return data
+
+
+def read_yaml(path: str | Path, what: str) -> Any:
+    """The YAML (or JSON) document in ``path``. Every way it can fail, unreadable (``what``
+    names the file's role), not UTF-8 or not YAML, is one ConfigError line naming the file."""
+    path = Path(path)
+    try:
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read {what} ({exc.strerror})") from exc
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = raw.count(b"\n", 0, exc.start) + 1
+        raise ConfigError(
+            f"{path}: not UTF-8 text (byte {exc.start}, 0x{raw[exc.start]:02x} on line {line}); "
+            "save it as UTF-8"
+        ) from None
+    return parse_yaml(text, str(path))
+
+
+def parse_yaml(text: str, where: str) -> Any:
+    """``text`` parsed as YAML; a syntax error is one line, ``WHERE line L column C: not valid
+    YAML: problem``, instead of PyYAML's multi-line dump with a caret."""
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(_yaml_error(exc, text, where)) from exc
+
+
+def _yaml_error(exc: yaml.YAMLError, text: str, where: str) -> str:
+    """PyYAML's problem and its 0-based mark as one line with a 1-based line and column."""
+    mark = getattr(exc, "problem_mark", None)
+    problem = getattr(exc, "problem", None)
+    if mark is not None and problem:
+        line, column = mark.line + 1, mark.column + 1
+        message = f"{where} line {line} column {column}: not valid YAML: {_one_line(problem)}"
+        context, at = getattr(exc, "context", None), getattr(exc, "context_mark", None)
+        if context and at is not None and (at.line, at.column) != (mark.line, mark.column):
+            message += f" ({_one_line(context)} at line {at.line + 1} column {at.column + 1})"
+        return message
+    if isinstance(exc, yaml.reader.ReaderError):  # a control character: no mark, a position
+        before = text[: exc.position]
+        line, column = before.count("\n") + 1, exc.position - before.rfind("\n")
+        char = exc.character if isinstance(exc.character, int) else ord(exc.character)
+        return (
+            f"{where} line {line} column {column}: not valid YAML: character {char:#06x}: "
+            f"{exc.reason}"
+        )
+    return f"{where}: not valid YAML ({_one_line(str(exc))})"
+
+
+def _one_line(text: str) -> str:
+    """Whitespace runs, newlines included, as one space: the CLI prints one line."""
+    return " ".join(str(text).split())
 
 
 def check_sections(data: dict[str, Any], where: str) -> None:
@@ -169,10 +227,7 @@ def parse_override(text: str) -> dict[str, Any]:
         raise ConfigError(
             f"--set {text!r}: key must start with one of {', '.join(SECTIONS)} (e.g. train.lr=0.01)"
         )
-    try:
-        value = yaml.safe_load(raw)
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"--set {text!r}: cannot parse value ({exc})") from exc
+    value = parse_yaml(raw, f"--set {text!r}: value")
     nested: dict[str, Any] = {parts[-1]: value}
     for part in reversed(parts[:-1]):
         nested = {part: nested}
@@ -201,10 +256,40 @@ def resolve(
     layered = merge(layered, per_model)
     for layer in stack:
         layered = merge(layered, layer)
+    layered["dataset"] = _checked_dataset(layered["dataset"] or {})
     if layered["dataset"].get("name") == "files":
         # Absolute, so that evaluate / reproduce / export find the files from any directory.
         layered["dataset"] = _absolute_files(layered["dataset"])
     return layered
+
+
+def _checked_dataset(dataset: dict[str, Any]) -> dict[str, Any]:
+    """``dataset`` with ``max_rows`` and ``sep`` checked here, where the CLI's ``--max-rows`` and
+    ``--set`` land too, rather than failing deep inside pandas with a traceback."""
+    dataset = dict(dataset)
+    max_rows = dataset.get("max_rows")
+    if max_rows is not None:
+        if isinstance(max_rows, bool) or not _is_whole(max_rows) or max_rows < 1:
+            raise ConfigError(
+                f"dataset.max_rows: expected an integer >= 1, or null for all rows; got {max_rows!r}"
+            )
+        dataset["max_rows"] = int(max_rows)
+    if "sep" in dataset:
+        dataset["sep"] = _separator(dataset["sep"])
+    return dataset
+
+
+def _separator(value: Any) -> str:
+    """One character; the text ``\\t`` (YAML leaves it unescaped unless double-quoted) and the word
+    ``tab`` are a tab."""
+    if isinstance(value, str) and (value == "\\t" or value.lower() == "tab"):
+        return "\t"
+    if not isinstance(value, str) or len(value) != 1 or value in "\r\n":
+        raise ConfigError(
+            f"dataset.sep: expected one character (not a line break), got {value!r}; "
+            "write a tab as \\t or tab (--set dataset.sep=tab)"
+        )
+    return value
 
 
 def _absolute_files(dataset: dict[str, Any]) -> dict[str, Any]:
@@ -226,14 +311,57 @@ def train_config(section: dict[str, Any]) -> TrainConfig:
         )
     values = {}
     for key, value in section.items():
-        default = allowed[key].default
-        try:
-            values[key] = type(default)(value) if not isinstance(default, bool) else bool(value)
-        except (TypeError, ValueError) as exc:
-            raise ConfigError(
-                f"train.{key}: expected {type(default).__name__}, got {value!r}"
-            ) from exc
+        kind = type(allowed[key].default)
+        values[key] = _TYPED[kind](value, f"train.{key}")
     return TrainConfig(**values)
+
+
+def _is_whole(value: Any) -> bool:
+    """An int or an integral float (a bool is an int too: callers refuse it first)."""
+    return isinstance(value, int) or (isinstance(value, float) and value.is_integer())
+
+
+def as_int(value: Any, key: str) -> int:
+    """An int, or a float with no fractional part (YAML may write 20.0); never a bool, and 1.9 is
+    an error rather than 1."""
+    if isinstance(value, bool) or not _is_whole(value):
+        raise ConfigError(f"{key} must be an integer, got {value!r}")
+    return int(value)
+
+
+def as_float(value: Any, key: str) -> float:
+    """A number (not a bool). Numeric text is taken too: PyYAML reads ``1e-3`` (no dot) as a
+    string, and float() of it is exactly what was meant."""
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        return float(value)
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            pass
+    raise ConfigError(f"{key} must be a number, got {value!r}")
+
+
+_BOOL_WORDS = {"true": True, "yes": True, "false": False, "no": False}
+
+
+def as_bool(value: Any, key: str) -> bool:
+    """A YAML boolean, or the quoted words true/false/yes/no; bool("false") would be True."""
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.strip().lower() in _BOOL_WORDS:
+        return _BOOL_WORDS[value.strip().lower()]
+    raise ConfigError(f"{key} must be true or false, got {value!r}")
+
+
+def as_str(value: Any, key: str) -> str:
+    """Text; a number where a name is meant is an error, not its str()."""
+    if not isinstance(value, str):
+        raise ConfigError(f"{key} must be a string, got {value!r}")
+    return value
+
+
+_TYPED = {int: as_int, float: as_float, bool: as_bool, str: as_str}
 
 
 def split_named(section: dict[str, Any], what: str) -> tuple[str, dict[str, Any]]:

@@ -19,8 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
+from mtlrec.config import read_yaml
 from mtlrec.errors import MTLRecError
 from mtlrec.train.diagnostics import COLLAPSE_SHARE, DIAGNOSTICS_FILE
 
@@ -68,10 +67,9 @@ def read_run(run_dir: str | Path) -> RunFiles:
         raise MTLRecError(f"{path}: metrics.json and history.json must be JSON objects")
     config: dict[str, Any] = {}
     if (path / "config.yaml").is_file():
-        try:
-            config = yaml.safe_load((path / "config.yaml").read_text()) or {}
-        except yaml.YAMLError as exc:
-            raise MTLRecError(f"{path / 'config.yaml'}: not valid YAML ({exc})") from exc
+        config = read_yaml(path / "config.yaml", "run config") or {}
+        if not isinstance(config, dict):
+            raise MTLRecError(f"{path / 'config.yaml'}: expected a mapping of config sections")
     diagnostics = None
     if (path / DIAGNOSTICS_FILE).is_file():
         diagnostics = _read_json(path / DIAGNOSTICS_FILE)

@@ -12,8 +12,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-import yaml
-
+from mtlrec.config import as_bool, as_int, read_yaml
 from mtlrec.errors import ConfigError
 
 FEATURE_TYPES = ("categorical", "numeric", "sequence")
@@ -46,10 +45,18 @@ class Feature:
     log: bool = False
 
     def __post_init__(self) -> None:
+        self.name = _name(self.name, "feature")
+        what = f"feature {self.name!r}"
         if self.type not in FEATURE_TYPES:
             raise ConfigError(
-                f"feature {self.name!r}: type {self.type!r} is not one of {', '.join(FEATURE_TYPES)}"
+                f"{what}: type {self.type!r} is not one of {', '.join(FEATURE_TYPES)}"
             )
+        self.column = _column(self.column, what)
+        for key in ("min_freq", "hash_buckets", "max_len", "buckets"):
+            setattr(self, key, as_int(getattr(self, key), f"{what}: {key}"))
+        if not isinstance(self.sep, str) or not self.sep:
+            raise ConfigError(f"{what}: sep must be a non-empty string, got {self.sep!r}")
+        self.log = as_bool(self.log, f"{what}: log")
         if self.min_freq < 1:
             raise ConfigError(f"feature {self.name!r}: min_freq must be >= 1")
         if self.hash_buckets < 0:
@@ -84,12 +91,18 @@ class Task:
     depends_on: str | None = None
 
     def __post_init__(self) -> None:
+        self.name = _name(self.name, "task")
         if self.type not in TASK_TYPES:
             raise ConfigError(
                 f"task {self.name!r}: type {self.type!r} is not one of {', '.join(TASK_TYPES)}"
             )
+        self.column = _column(self.column, f"task {self.name!r}")
+        if self.depends_on is not None:  # a task name, written like one
+            self.depends_on = _name(self.depends_on, f"task {self.name!r}: depends_on")
         # A negative or NaN weight would silently turn training into loss ascent or NaN.
         try:
+            if isinstance(self.weight, bool):  # float(True) is 1.0: a typo, not a weight
+                raise TypeError
             self.weight = float(self.weight)
         except (TypeError, ValueError):
             raise ConfigError(
@@ -189,6 +202,9 @@ class Schema:
         unknown = set(data) - {"features", "tasks"}
         if unknown:
             raise ConfigError(f"{where}: unknown key(s) {', '.join(sorted(unknown))}")
+        for key in ("features", "tasks"):
+            if not isinstance(data.get(key) or [], list):
+                raise ConfigError(f"{where}: {key} must be a list of mappings")
         features = [
             _build(Feature, item, f"{where}: features[{i}]")
             for i, item in enumerate(data.get("features") or [])
@@ -210,15 +226,30 @@ class Schema:
     @classmethod
     def load(cls, path: str | Path) -> Schema:
         path = Path(path)
-        try:
-            text = path.read_text()
-        except OSError as exc:
-            raise ConfigError(f"{path}: cannot read schema ({exc.strerror})") from exc
-        try:
-            data = yaml.safe_load(text)  # JSON is YAML too
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"{path}: not valid YAML/JSON ({exc})") from exc
+        data = read_yaml(path, "schema")  # JSON is YAML too
         return cls.from_dict(data, where=str(path))
+
+
+def _name(value: Any, what: str) -> str:
+    """A feature/task name as text. A YAML int (``name: 0``) is the CSV header ``0``, since a
+    header is text; any other type (``1.5``, a list, a bool) would never match one."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        return str(value)
+    if value is None or value == "":
+        raise ConfigError(f"{what} name is missing")
+    if not isinstance(value, str):
+        hint = f" (quote it: '{value}')" if isinstance(value, float) else ""
+        raise ConfigError(f"{what} name must be a string, got {value!r}{hint}")
+    return value
+
+
+def _column(value: Any, what: str) -> str | None:
+    """The column to read, as text like a name; null reads the column of the feature's name."""
+    if value is None:
+        return None
+    if value == "":
+        raise ConfigError(f"{what}: column must be a column name or null, got ''")
+    return _name(value, f"{what}: column")
 
 
 def _compact(values: dict[str, Any], kind: type) -> dict[str, Any]:

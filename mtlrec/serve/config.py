@@ -25,8 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
+from mtlrec.config import read_yaml
 from mtlrec.errors import ConfigError
 from mtlrec.schema import Schema
 
@@ -85,12 +84,7 @@ def load_serve_config(path: str | Path | None, schema: Schema) -> ServeConfig:
     if path is None:
         return serve_config({}, schema)
     path = Path(path)
-    try:
-        data = yaml.safe_load(path.read_text())
-    except OSError as exc:
-        raise ConfigError(f"{path}: cannot read fusion file ({exc.strerror})") from exc
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML ({exc})") from exc
+    data = read_yaml(path, "fusion file")
     if not isinstance(data, dict) or set(data) != {"serve"}:
         found = ", ".join(map(str, data)) if isinstance(data, dict) else type(data).__name__
         raise ConfigError(f"{path}: expected a mapping with a single 'serve' key, found {found}")
