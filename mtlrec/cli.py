@@ -5,6 +5,7 @@ Errors the user can cause (a bad file, column, key or name) print one line and e
 
 from __future__ import annotations
 
+import inspect
 import json
 import logging
 import os
@@ -509,6 +510,19 @@ def _print_metrics(metrics: dict[str, Any], title: str) -> None:
         for task, m in tasks.items():
             table.add_row(task, *(_fmt(m.get(k)) for k in keys + ["rows"]))
         console.print(table)
+
+
+def _unwrap_help() -> None:
+    """Typer prints a docstring's line breaks as they are, so a paragraph wrapped at 100 columns
+    in the source broke mid-sentence in ``--help``: join each paragraph into one line."""
+    for info in app.registered_commands:
+        doc = info.callback.__doc__ if info.callback else None
+        if doc:
+            paragraphs = inspect.cleandoc(doc).split("\n\n")
+            info.callback.__doc__ = "\n\n".join(" ".join(p.split("\n")) for p in paragraphs)
+
+
+_unwrap_help()
 
 
 def main() -> None:

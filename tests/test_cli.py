@@ -247,3 +247,12 @@ def test_compile_with_a_per_task_balancer_fails_before_reading_data(own_files):
     )
     assert "train.compile: balancer 'pcgrad'" in line
     assert not (own_files / "run").exists()
+
+
+def test_help_paragraphs_are_not_broken_at_source_line_ends():
+    """Typer prints a docstring's newlines; each paragraph must reach it as one line."""
+    from mtlrec.cli import app as the_app
+
+    for info in the_app.registered_commands:
+        for paragraph in (info.callback.__doc__ or "").split("\n\n"):
+            assert "\n" not in paragraph.strip(), (info.callback.__name__, paragraph)
