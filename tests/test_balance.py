@@ -111,6 +111,10 @@ def test_unknown_or_bad_options_name_the_key(small):
     with pytest.raises(ConfigError, match=r"balance\.beta"):
         build_balancer("gradvac", model, {"beta": 2.0})
     assert build_balancer("gradnorm", model, {"alpha": 2}).config.alpha == 2.0
+    with pytest.raises(ConfigError, match=r"balance\.seed must be an integer, got 2.5"):
+        build_balancer("pcgrad", model, {"seed": 2.5})  # not silently seed 2
+    with pytest.raises(ConfigError, match=r"balance\.alpha must be a number, got True"):
+        build_balancer("gradnorm", model, {"alpha": True})
 
 
 # --- every balancer on every kind of model ----------------------------------------------------

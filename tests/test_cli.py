@@ -198,7 +198,10 @@ def test_damaged_or_incomplete_runs_exit_2_with_one_line(own_files, tmp_path):
     assert "model.pt: cannot load" in _error_line(runner.invoke(app, ["evaluate", str(run)]))
     (run / "model.pt").write_bytes(model)
     (run / "config.yaml").write_text("train: [1,\n")
-    assert "config.yaml: cannot read" in _error_line(runner.invoke(app, ["evaluate", str(run)]))
+    line = _error_line(runner.invoke(app, ["evaluate", str(run)]))
+    assert "config.yaml line 2 column 1: not valid YAML" in line
+    (run / "config.yaml").write_text("- 1\n")
+    assert "not a run's configuration" in _error_line(runner.invoke(app, ["evaluate", str(run)]))
     (run / "metrics.json").write_text('{"test": {"click": {"auc": 0.7')
     assert "not a metrics file" in _error_line(runner.invoke(app, ["compare", str(run)]))
     line = _error_line(runner.invoke(app, ["compare", str(run), "--split", "validation"]))

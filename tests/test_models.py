@@ -41,10 +41,16 @@ def test_unknown_model_and_option_are_named(funnel_tables):
         ("shared-bottom", {"tower_hidden": [8, 0]}, r"model.tower_hidden: layer widths .*\[8, 0\]"),
         ("cgc", {"expert_hidden": ["wide"]}, "model.expert_hidden: expected a list of integers"),
         ("mmoe", {"num_experts": 2.5}, "model.num_experts: expected int, got 2.5"),
+        ("dmtl", {"distill": "false"}, None),  # bool("false") is True: the text must be read
+        ("dmtl", {"distill": "maybe"}, "model.distill must be true or false"),
+        ("mmoe", {"dropout": True}, "model.dropout: expected float, got True"),
     ],
 )
 def test_option_values_out_of_range_are_named(funnel_tables, name, options, needle):
     enc, _, _ = funnel_tables
+    if needle is None:
+        assert build_model(name, enc.schema, enc.layout(), options).config.distill is False
+        return
     with pytest.raises(ConfigError, match=needle):
         build_model(name, enc.schema, enc.layout(), options)
 

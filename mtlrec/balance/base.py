@@ -131,15 +131,18 @@ def describe_balancers() -> dict[str, str]:
 
 def _coerce(kind: type[BalancerConfig], options: dict[str, Any]) -> dict[str, Any]:
     """YAML gives ``2`` where a float is meant; a string where a number is meant is an error."""
+    from mtlrec.config import as_bool, as_float, as_int
+
     defaults = {f.name: f.default for f in fields(kind)}
     out = {}
     for key, value in options.items():
-        default = defaults[key]
-        if isinstance(default, float) and isinstance(value, int) and not isinstance(value, bool):
-            value = float(value)
-        elif isinstance(default, int | float) and not isinstance(default, bool):
-            if isinstance(value, bool) or not isinstance(value, int | float):
-                raise ConfigError(f"balance.{key}: expected a number, got {value!r}")
+        default, name = defaults[key], f"balance.{key}"
+        if isinstance(default, bool):
+            value = as_bool(value, name)
+        elif isinstance(default, int):
+            value = as_int(value, name)  # 2.5 steps is an error, not 2
+        elif isinstance(default, float):
+            value = as_float(value, name)
         out[key] = value
     return out
 

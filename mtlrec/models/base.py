@@ -169,6 +169,8 @@ def build_config(kind: type[ModelConfig], values: dict[str, Any], model: str) ->
     """Map a config mapping onto the model's dataclass; unknown keys are named in the error."""
     from dataclasses import fields
 
+    from mtlrec.config import as_bool, as_float
+
     allowed = {f.name: f for f in fields(kind)}
     unknown = sorted(set(values) - set(allowed))
     if unknown:
@@ -185,12 +187,12 @@ def build_config(kind: type[ModelConfig], values: dict[str, Any], model: str) ->
                     f"model.{key}: expected a list of integers, got {list(value)} for model {model!r}"
                 )
             value = tuple(int(v) for v in value)
-        elif isinstance(default, bool):
-            value = bool(value)
+        elif isinstance(default, bool):  # bool("false") would be True
+            value = as_bool(value, f"model.{key}")
         elif isinstance(default, int) and not isinstance(value, bool) and _is_whole(value):
             value = int(value)
-        elif isinstance(default, float) and isinstance(value, int | float):
-            value = float(value)
+        elif isinstance(default, float) and not isinstance(value, bool):
+            value = as_float(value, f"model.{key}")
         elif type(value) is not type(default) and default is not None:
             raise ConfigError(
                 f"model.{key}: expected {type(default).__name__}, got {value!r} for model {model!r}"

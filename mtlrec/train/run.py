@@ -28,7 +28,7 @@ import yaml
 
 from mtlrec.balance import build_balancer
 from mtlrec.balance.base import check_compile
-from mtlrec.config import TrainConfig, config_changes, split_named, train_config
+from mtlrec.config import TrainConfig, config_changes, read_yaml, split_named, train_config
 from mtlrec.data.checks import unseen_value_warnings
 from mtlrec.data.datasets import DatasetSplits, load_dataset
 from mtlrec.data.encoder import Encoder
@@ -228,7 +228,15 @@ def _resume_changes(out: Path, config: dict[str, Any]) -> list[str]:
     saved = out / "config.yaml"
     if not (out / "checkpoint.pt").exists() or not saved.exists():
         return []
-    return config_changes(yaml.safe_load(saved.read_text()), config)
+    return config_changes(read_run_config(saved), config)
+
+
+def read_run_config(path: Path) -> dict[str, Any]:
+    """A run's saved config.yaml; a broken or hand-edited one is one error line naming it."""
+    config = read_yaml(path, "a run's configuration")
+    if not isinstance(config, dict) or not isinstance(config.get("train"), dict):
+        raise ConfigError(f"{path}: not a run's configuration (no train section)")
+    return config
 
 
 def load_run(run_dir: str | Path) -> tuple[dict[str, Any], Encoder, MTLModel]:
@@ -237,12 +245,7 @@ def load_run(run_dir: str | Path) -> tuple[dict[str, Any], Encoder, MTLModel]:
     for name in ("config.yaml", "encoder.json", "model.pt"):
         if not (run / name).exists():
             raise MTLRecError(f"{run}: not a finished run directory ({name} is missing)")
-    try:
-        config = yaml.safe_load((run / "config.yaml").read_text())
-    except (yaml.YAMLError, UnicodeDecodeError) as exc:
-        raise MTLRecError(f"{run / 'config.yaml'}: cannot read ({_first_line(exc)})") from None
-    if not isinstance(config, dict) or not isinstance(config.get("train"), dict):
-        raise MTLRecError(f"{run / 'config.yaml'}: not a run's configuration")
+    config = read_run_config(run / "config.yaml")
     encoder = Encoder.load(run / "encoder.json")
     try:
         saved = torch.load(run / "model.pt", weights_only=False, map_location="cpu")

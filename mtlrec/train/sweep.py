@@ -23,8 +23,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from mtlrec.balance.base import check_compile, describe_balancers
 from mtlrec.bench.runs import run_all, train_or_reuse
 from mtlrec.config import RESUMABLE_KEYS, REUSABLE_KEYS, config_changes, split_named, train_config
@@ -33,6 +31,7 @@ from mtlrec.models.base import build_config
 from mtlrec.models.registry import model_class
 from mtlrec.schema import Schema
 from mtlrec.train.metrics import monitor_value
+from mtlrec.train.run import read_run_config
 
 SUMMARY_JSON = "sweep.json"
 SUMMARY_MD = "SWEEP.md"
@@ -124,7 +123,7 @@ def stale_runs(jobs: Sequence[Job], expected: Callable[[Job], dict[str, Any]]) -
             continue
         finished = (job.out / "metrics.json").exists()
         changes = config_changes(
-            yaml.safe_load(saved.read_text()),
+            read_run_config(saved),
             expected(job),
             REUSABLE_KEYS if finished else RESUMABLE_KEYS,
         )
@@ -183,7 +182,7 @@ def summarise(
             continue
         metrics = _nan(json.loads((job.out / "metrics.json").read_text()))
         history = json.loads((job.out / "history.json").read_text())
-        config = yaml.safe_load((job.out / "config.yaml").read_text())
+        config = read_run_config(job.out / "config.yaml")
         monitor = config["train"].get("monitor", "auc")
         if rank_by is None:
             score = monitor_value(metrics["valid"], monitor)
