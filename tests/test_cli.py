@@ -259,3 +259,27 @@ def test_help_paragraphs_are_not_broken_at_source_line_ends():
     for info in the_app.registered_commands:
         for paragraph in (info.callback.__doc__ or "").split("\n\n"):
             assert "\n" not in paragraph.strip(), (info.callback.__name__, paragraph)
+
+
+def test_a_run_trained_on_tsv_files_scores_and_evaluates_tsv_files(tmp_path):
+    for name, (n, seed) in {"train": (600, 1), "valid": (200, 2)}.items():
+        funnel_frame(n, seed).to_csv(tmp_path / f"{name}.tsv", sep="\t", index=False)
+    (tmp_path / "schema.yaml").write_text(yaml.safe_dump(FUNNEL_SCHEMA))
+    run = tmp_path / "run"
+    result = runner.invoke(
+        app,
+        [
+            "train", "--train", str(tmp_path / "train.tsv"), "--valid", str(tmp_path / "valid.tsv"),
+            "--schema", str(tmp_path / "schema.yaml"), "--epochs", "1", "--out", str(run),
+            "--quiet", "--set", "dataset.sep=tab",
+        ],
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    out = tmp_path / "scores.csv"
+    args = ["predict", str(run), "--data", str(tmp_path / "valid.tsv"), "--out", str(out)]
+    assert runner.invoke(app, [*args, "--keep", "user"]).exit_code == 0
+    assert len(pd.read_csv(out)) == 200
+    result = runner.invoke(app, ["evaluate", str(run), "--data", str(tmp_path / "valid.tsv")])
+    valid = json.loads((run / "metrics.json").read_text())["valid"]
+    shown = json.loads(result.output.strip().splitlines()[-1])["valid.tsv"]
+    assert shown["click"]["auc"] == pytest.approx(valid["click"]["auc"], abs=1e-9)

@@ -184,13 +184,18 @@ def parquet_chunks(
 
 
 def file_chunks(
-    path: str | Path, columns: list[str], read_rows: int = READ_ROWS, exact: Sequence[str] = ()
+    path: str | Path,
+    columns: list[str],
+    read_rows: int = READ_ROWS,
+    exact: Sequence[str] = (),
+    sep: str = ",",
 ) -> tuple[int, Iterator[tuple[str, int, pd.DataFrame]]]:
     """Like :func:`parquet_chunks` for any input of ``read_frame``: a Parquet file or folder is
-    streamed, a CSV file is read whole as one chunk (its cells are text: exact already)."""
+    streamed, a CSV file (separated by ``sep``) is read whole as one chunk (its cells are text:
+    exact already)."""
     if is_parquet(path):
         return parquet_chunks(path, columns, read_rows, exact)
-    frame = read_frame(path, columns=list(dict.fromkeys([*columns, *exact])))
+    frame = read_frame(path, columns=list(dict.fromkeys([*columns, *exact])), sep=sep)
     for name in dict.fromkeys(exact):
         frame[exact_name(name)] = frame[name]
     return len(frame), iter([(str(path), 0, frame)])

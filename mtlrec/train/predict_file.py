@@ -37,7 +37,7 @@ from mtlrec.data.table import TensorTable
 from mtlrec.errors import ConfigError
 from mtlrec.models import MTLModel
 from mtlrec.schema import Schema
-from mtlrec.train.run import eval_batch_size, load_run
+from mtlrec.train.run import csv_separator, eval_batch_size, load_run
 from mtlrec.train.trainer import predict
 
 OUTPUT_SUFFIXES = (".parquet", ".pq", ".csv")
@@ -115,7 +115,7 @@ def predict_file(
     source = Path(data).resolve()
     if out.resolve() == source or source in out.resolve().parents:
         raise ConfigError(f"--out {out}: it would overwrite the input {data}; write elsewhere")
-    encoder, model, default_batch = _load(Path(run_dir))
+    encoder, model, default_batch, sep = _load(Path(run_dir))
     batch = int(batch_size or default_batch)
     keep = list(dict.fromkeys(keep))
     fuse = _fusion(fusion, encoder.schema) if fusion is not None else None
@@ -125,7 +125,7 @@ def predict_file(
     if clash:
         raise ConfigError(f"--keep {', '.join(clash)}: the name of a prediction column")
     columns = list(dict.fromkeys(f.source for f in encoder.schema.features))
-    total, chunks = file_chunks(data, columns, read_rows, exact=keep)
+    total, chunks = file_chunks(data, columns, read_rows, exact=keep, sep=sep)
     start = time.perf_counter()
     rows = 0
     writer = _AtomicWriter(out)
@@ -175,16 +175,17 @@ def _fusion(path: str | Path, schema: Schema) -> Callable[[pd.DataFrame], np.nda
     return fused
 
 
-def _load(path: Path) -> tuple[Encoder, MTLModel | Score, int]:
+def _load(path: Path) -> tuple[Encoder, MTLModel | Score, int, str]:
     """A run directory's model, or an export folder's graph (its loader is imported only then:
-    the serving code stays out of the core package otherwise)."""
+    the serving code stays out of the core package otherwise), its evaluation batch and the CSV
+    separator its training files had (an export: a comma)."""
     if (path / "metadata.json").exists():  # mtlrec.serve.predictor.METADATA
         from mtlrec.serve.predictor import load_predictor
 
         predictor = load_predictor(path)
-        return predictor.encoder, predictor.predict, TrainConfig.eval_batch_size
+        return predictor.encoder, predictor.predict, TrainConfig.eval_batch_size, ","
     config, encoder, model = load_run(path)
-    return encoder, model, eval_batch_size(config)
+    return encoder, model, eval_batch_size(config), csv_separator(config)
 
 
 class _AtomicWriter:

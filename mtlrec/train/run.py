@@ -266,6 +266,12 @@ def _first_line(exc: BaseException) -> str:
     return text[0] if text else type(exc).__name__
 
 
+def csv_separator(config: dict[str, Any]) -> str:
+    """The separator of a run's CSV files (``dataset.sep``), for files scored or evaluated with
+    it later: a run trained on TSV files reads TSV files."""
+    return str((config.get("dataset") or {}).get("sep") or ",")
+
+
 def eval_batch_size(config: dict[str, Any]) -> int:
     """A saved run's evaluation batch (runs saved before the key existed get the default)."""
     return int(config["train"].get("eval_batch_size", TrainConfig.eval_batch_size))
@@ -280,7 +286,8 @@ def evaluate_run(
     config, encoder, model = load_run(run_dir)
     batch = eval_batch_size(config)
     if data:
-        return _clean({Path(data).name: _evaluate_file(model, encoder, data, batch, warn)})
+        sep = csv_separator(config)
+        return _clean({Path(data).name: _evaluate_file(model, encoder, data, batch, warn, sep)})
     splits = load_splits(config)
     if len(splits.test) == 0:
         raise MTLRecError(
@@ -292,11 +299,16 @@ def evaluate_run(
 
 
 def _evaluate_file(
-    model: MTLModel, encoder: Encoder, data: str, batch: int, warn: Callable[[str], None] | None
+    model: MTLModel,
+    encoder: Encoder,
+    data: str,
+    batch: int,
+    warn: Callable[[str], None] | None,
+    sep: str = ",",
 ) -> dict[str, dict[str, float]]:
     from mtlrec.data.stream import file_chunks
 
-    rows, chunks = file_chunks(data, encoder.schema.required_columns())
+    rows, chunks = file_chunks(data, encoder.schema.required_columns(), sep=sep)
     if rows == 0:
         raise DataError(f"{data}: no rows to evaluate")
     labels, cond, joint = [], [], []
