@@ -159,6 +159,12 @@ def test_bad_requests_are_named(finished_run, test_csv, tmp_path, keep, out, err
     assert not (tmp_path / out).exists()
 
 
+@pytest.mark.parametrize("size", [0, -3])
+def test_a_batch_size_below_one_is_refused(finished_run, test_csv, tmp_path, size):
+    with pytest.raises(ConfigError, match=f"--batch-size {size}: must be at least 1"):
+        predict_file(finished_run, test_csv, tmp_path / "s.csv", batch_size=size)
+
+
 def test_cli_predict(finished_run, test_csv, tmp_path):
     out = tmp_path / "cli.csv"
     args = ["predict", str(finished_run), "--data", str(test_csv), "--out", str(out)]

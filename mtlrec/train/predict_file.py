@@ -116,6 +116,8 @@ def predict_file(
     if out.resolve() == source or source in out.resolve().parents:
         raise ConfigError(f"--out {out}: it would overwrite the input {data}; write elsewhere")
     encoder, model, default_batch, sep = _load(Path(run_dir))
+    if batch_size is not None and (isinstance(batch_size, bool) or batch_size < 1):
+        raise ConfigError(f"--batch-size {batch_size}: must be at least 1")
     batch = int(batch_size or default_batch)
     keep = list(dict.fromkeys(keep))
     fuse = _fusion(fusion, encoder.schema) if fusion is not None else None
