@@ -115,3 +115,31 @@ def test_model_trains_with_balancer(model_name, balancer_name, funnels):
     assert all(p.device.type == DEVICE.type for p in params)
     assert all(torch.isfinite(p).all() for p in params)
     assert any(not torch.equal(p.detach(), b) for p, b in zip(params, before))
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_the_dropout_option_reaches_every_expert_and_tower(name, funnels):
+    """``model.dropout`` applies to every expert block and every hidden MLP other than a gate
+    (STEM's and DSelect-k's towers, HoME's experts, PFE's task experts, DMTL's and MVKE's
+    towers once ignored it silently)."""
+    from dataclasses import fields
+
+    from torch import nn
+
+    from mtlrec.models.hierarchy_experts import NormExperts
+    from mtlrec.models.registry import model_class
+    from mtlrec.nn.experts import Experts
+    from mtlrec.nn.mlp import MLP
+
+    if "dropout" not in {f.name for f in fields(model_class(name).Config)}:
+        pytest.skip(f"{name} has no dropout option")
+    model, _ = build_on_first_fit(name, funnels, dropout=0.3)
+    activations = (nn.ReLU, nn.SiLU, nn.Sigmoid, nn.Tanh, nn.PReLU)
+    missing = []
+    for path, module in model.named_modules():
+        if isinstance(module, Experts | NormExperts) and module.dropout is None:
+            missing.append(path)
+        hidden = isinstance(module, MLP) and any(isinstance(m, activations) for m in module)
+        if hidden and "gate" not in path and not any(isinstance(m, nn.Dropout) for m in module):
+            missing.append(path)
+    assert not missing, missing

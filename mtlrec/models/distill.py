@@ -41,8 +41,9 @@ class TwoTower(nn.Module):
         d = model.config.embed_dim
         self.num_numeric = model.layout.num_numeric
         self.embedding = model.make_embedding()
-        self.user = MLP(len(user) * d + self.num_numeric, hidden[:-1], hidden[-1])
-        self.item = MLP(len(item) * d, hidden[:-1], hidden[-1])
+        p = model.config.dropout
+        self.user = MLP(len(user) * d + self.num_numeric, hidden[:-1], hidden[-1], p)
+        self.item = MLP(len(item) * d, hidden[:-1], hidden[-1], p)
         self.bias = nn.Parameter(torch.zeros(1))
 
     def towers(self, batch: TensorTable) -> tuple[torch.Tensor, torch.Tensor]:
@@ -116,7 +117,9 @@ class DMTL(MTLModel):
                 nn.ModuleDict(
                     {
                         "gate": Gate(dim, config.num_experts),
-                        "tower": MLP(self.experts.output_dim, config.tower_hidden, 1),
+                        "tower": MLP(
+                            self.experts.output_dim, config.tower_hidden, 1, config.dropout
+                        ),
                     }
                 )
             )

@@ -16,7 +16,7 @@ from mtlrec.data.table import TensorTable
 from mtlrec.errors import ConfigError
 from mtlrec.models.base import ModelConfig, ModelOutput, MTLModel
 from mtlrec.models.registry import register
-from mtlrec.nn.experts import Experts, Gate, mix
+from mtlrec.nn.experts import Experts, mix
 from mtlrec.nn.mlp import MLP
 
 
@@ -25,6 +25,7 @@ class STEMConfig(ModelConfig):
     specific_experts: int = 1
     shared_experts: int = 1
     expert_hidden: tuple[int, ...] = (16,)
+    gate_hidden: tuple[int, ...] = (128, 64)  # the authors' default gate MLP
     tower_hidden: tuple[int, ...] = (8,)
 
 
@@ -34,11 +35,13 @@ class STEM(MTLModel):
 
     Su et al., "STEM: Unleashing the Power of Embeddings for Multi-task Recommendation", AAAI 2024
     (arXiv 2308.13537). T + 1 embedding tables: task t's experts read task t's embeddings E_t,
-    the shared experts read the shared embeddings E_s. Task t's gate reads every table,
-    [sg(E_1), .., E_t, .., sg(E_T), E_s], and mixes every expert,
+    the shared experts read the shared embeddings E_s. Task t's gate, an MLP (``gate_hidden``)
+    with a softmax, reads E_t + E_s and mixes every expert,
     [sg(f_1(E_1)), .., f_t(E_t), .., sg(f_T(E_T)), f_s(E_s)], where sg is stop-gradient on the
-    other tasks' parts: all representations flow forward, but task t's loss reaches only its own
-    and the shared embeddings and experts (AFTB). A tower per task reads the mixture.
+    other tasks' experts: all representations flow forward, but task t's loss reaches only its
+    own and the shared embeddings and experts (AFTB). A tower per task reads the mixture. The
+    gate's input and MLP follow the authors' code (github.com/LiangcaiSu/STEM, ``STEM_Layer``);
+    an earlier version here gated on all tables concatenated with stop-gradients.
 
     Ownership: task t's table, experts, gate and tower are task t's (the stop-gradients keep every
     other loss off them); the shared table and shared experts are shared.
@@ -46,7 +49,8 @@ class STEM(MTLModel):
     (task 1's experts, ..., task T's experts, then the shared ones).
 
     Departures: numeric features enter every table's input unchanged (the paper's datasets are
-    all categorical); the paper's experts are MLPs of its own sizes, ours are ``expert_hidden``.
+    all categorical); the paper's experts are MLPs of its own sizes, ours are ``expert_hidden``;
+    one STEM layer (the authors' extra shared gate only feeds a stacked second layer).
     """
 
     Config = STEMConfig
@@ -59,7 +63,6 @@ class STEM(MTLModel):
         dim = self.shared_embedding.output_dim
         self.shared = Experts(config.shared_experts, dim, config.expert_hidden, config.dropout)
         n_all = self.num_tasks * config.specific_experts + config.shared_experts
-        gate_in = (self.num_tasks + 1) * dim
         for _ in schema.tasks:
             self.task_modules.append(
                 nn.ModuleDict(
@@ -68,8 +71,10 @@ class STEM(MTLModel):
                         "experts": Experts(
                             config.specific_experts, dim, config.expert_hidden, config.dropout
                         ),
-                        "gate": Gate(gate_in, n_all),
-                        "tower": MLP(self.shared.output_dim, config.tower_hidden, 1),
+                        "gate": MLP(dim, config.gate_hidden, n_all, config.dropout),
+                        "tower": MLP(
+                            self.shared.output_dim, config.tower_hidden, 1, config.dropout
+                        ),
                     }
                 )
             )
@@ -81,8 +86,7 @@ class STEM(MTLModel):
         outs = [m["experts"](x) for m, x in zip(self.task_modules, xt)]
         logits, gates = [], []
         for t, module in enumerate(self.task_modules):
-            keep = [x if j == t else x.detach() for j, x in enumerate(xt)]
-            g = module["gate"](torch.cat(keep + [xs], 1))
+            g = torch.softmax(module["gate"](xt[t] + xs), -1)
             experts = [o if j == t else o.detach() for j, o in enumerate(outs)]
             logits.append(module["tower"](mix(g, torch.cat(experts + [shared_out], 1))))
             gates.append(g)

@@ -32,11 +32,14 @@ class NormExperts(nn.Module):
     ``[B, in]`` shared by all experts or ``[E, B, in]`` one per expert; output ``[B, E, out]``.
     """
 
-    def __init__(self, num_experts: int, in_dim: int, hidden: Sequence[int]) -> None:
+    def __init__(
+        self, num_experts: int, in_dim: int, hidden: Sequence[int], dropout: float = 0.0
+    ) -> None:
         super().__init__()
         self.num_experts = num_experts
         self.weights, self.biases = expert_layers(num_experts, in_dim, hidden)
         self.norms = nn.ModuleList(nn.BatchNorm1d(num_experts * width) for width in hidden)
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else None
         self.output_dim = hidden[-1]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -52,7 +55,10 @@ class NormExperts(nn.Module):
             else:
                 flat = norm(flat)
             h = flat
-            h = F.silu(h).view(batch, e, width).transpose(0, 1)
+            h = F.silu(h)
+            if self.dropout is not None:
+                h = self.dropout(h)
+            h = h.view(batch, e, width).transpose(0, 1)
         return h.transpose(0, 1)  # [B, E, out]
 
 
@@ -131,25 +137,25 @@ class HoME(MTLModel):
         dim = self.embedding.output_dim
         n1 = c.shared_experts + n_cat * c.category_experts
         self.feature_gate = FeatureGate(n1, dim, c.feature_gate_rank)
-        self.level1 = NormExperts(n1, dim, c.expert_hidden)
+        self.level1 = NormExperts(n1, dim, c.expert_hidden, c.dropout)
         out = self.level1.output_dim
         self.category_gates = nn.ModuleList(
             Gate(dim, c.category_experts + c.shared_experts) for _ in range(n_cat)
         )
         self.global_gate = Gate(dim, n1)
         self.category2 = nn.ModuleList(
-            NormExperts(c.category_experts, out, c.expert_hidden) for _ in range(n_cat)
+            NormExperts(c.category_experts, out, c.expert_hidden, c.dropout) for _ in range(n_cat)
         )
-        self.global2 = NormExperts(c.shared_experts, out, c.expert_hidden)
+        self.global2 = NormExperts(c.shared_experts, out, c.expert_hidden, c.dropout)
         n2 = c.specific_experts + c.category_experts + c.shared_experts
         for _ in schema.tasks:
             self.task_modules.append(
                 nn.ModuleDict(
                     {
-                        "experts": NormExperts(c.specific_experts, out, c.expert_hidden),
+                        "experts": NormExperts(c.specific_experts, out, c.expert_hidden, c.dropout),
                         "gate": Gate(out, n2),
                         "self_gate": nn.Linear(out, c.specific_experts),
-                        "tower": MLP(out, c.tower_hidden, 1),
+                        "tower": MLP(out, c.tower_hidden, 1, c.dropout),
                     }
                 )
             )

@@ -101,7 +101,9 @@ class MVKE(MTLModel):
             self.task_modules.append(
                 nn.ModuleDict(
                     {
-                        "tag_tower": MLP(len(item) * d, config.tag_hidden[:-1], out),
+                        "tag_tower": MLP(
+                            len(item) * d, config.tag_hidden[:-1], out, config.dropout
+                        ),
                         "kernel_proj": nn.Linear(d, out, bias=False),
                         "bias": nn.Linear(1, 1, bias=False),
                     }

@@ -123,9 +123,11 @@ class PFE(MTLModel):
             self.task_modules.append(
                 nn.ModuleDict(
                     {
-                        "experts": Experts(c.specific_experts, dim + out, c.expert_hidden),
+                        "experts": Experts(
+                            c.specific_experts, dim + out, c.expert_hidden, c.dropout
+                        ),
                         "gate": Gate(dim + out, c.specific_experts + c.shared_experts),
-                        "tower": MLP(out, c.tower_hidden, 1),
+                        "tower": MLP(out, c.tower_hidden, 1, c.dropout),
                     }
                 )
             )

@@ -39,7 +39,10 @@ class DSelectKGate(nn.Module):
     (binary encoding), a distribution over the 2^m codes; the gate is q = sum_i softmax(alpha)_i r(z^(i))
     (DSelect-k). Static: z and alpha are parameters. Per-example: z^(i) = W_i x, alpha = A x.
     When n is not a power of two, the codes beyond n are dropped and r is renormalised over the
-    n experts (ours; the paper assumes a power of two).
+    n experts (ours; the authors' code keeps them and adds a penalty on their weight).
+    Initialisation as in the authors' code (google-research ``dselect_k_moe``): codes, and the
+    per-example code layer's weights and bias, uniform in +-gamma/100 (every selector starts
+    near an even mix, so every expert gets gradient); selector weights alpha uniform in +-0.05.
     """
 
     def __init__(
@@ -53,14 +56,17 @@ class DSelectKGate(nn.Module):
             [[(i >> j) & 1 for j in range(self.m)] for i in range(num_experts)], dtype=torch.float
         )
         self.register_buffer("codes", codes, persistent=False)  # [n, m]
+        band = gamma / 100
         if per_example:
             self.z = nn.Linear(in_dim, k * self.m)
             self.alpha = nn.Linear(in_dim, k)
-            nn.init.uniform_(self.z.bias, -gamma / 2, gamma / 2)
+            nn.init.uniform_(self.z.weight, -band, band)
+            nn.init.uniform_(self.z.bias, -band, band)
+            nn.init.uniform_(self.alpha.weight, -0.05, 0.05)
+            nn.init.uniform_(self.alpha.bias, -0.05, 0.05)
         else:
-            # codes start inside the smooth band, so every expert gets gradient at first
-            self.z = nn.Parameter(torch.empty(k, self.m).uniform_(-gamma / 2, gamma / 2))
-            self.alpha = nn.Parameter(torch.zeros(k))
+            self.z = nn.Parameter(torch.empty(k, self.m).uniform_(-band, band))
+            self.alpha = nn.Parameter(torch.empty(k).uniform_(-0.05, 0.05))
 
     def selectors(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(r [B, k, n] single-expert selector distributions, w [B, k] selector weights)."""
@@ -111,7 +117,8 @@ class DSelectK(MTLModel):
 
     Ownership: the gate and tower of task t are task t's; experts and embedding are shared.
     Departures: codes for a non-power-of-two number of experts are renormalised (see the gate);
-    per-example code biases start uniform in the smooth band, weights at nn.Linear's default.
+    the entropy term is a mean over rows with ``entropy_weight`` 0.01 (the authors' code sums it
+    over the batch, weight 1e-6 in its example).
     """
 
     Config = DSelectKConfig
@@ -132,7 +139,9 @@ class DSelectK(MTLModel):
                         "gate": DSelectKGate(
                             dim, config.num_experts, config.k, config.gamma, config.per_example
                         ),
-                        "tower": MLP(self.experts.output_dim, config.tower_hidden, 1),
+                        "tower": MLP(
+                            self.experts.output_dim, config.tower_hidden, 1, config.dropout
+                        ),
                     }
                 )
             )
