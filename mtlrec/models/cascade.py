@@ -97,7 +97,9 @@ class AITM(MTLModel):
     Departures: information is transferred in schema order between all tasks, but the calibration
     penalty applies only where the schema declares ``depends_on`` (on parallel tasks such as
     Census, "step t is rarer than step t-1" does not hold). The paper's tower dropout is the
-    ``dropout`` option (default 0).
+    ``dropout`` option (default 0). The transfer g is one linear layer and the attention's
+    h1/h2/h3 projections have biases; the authors' torch code (adtalos/AITM-torch) uses
+    Linear -> ReLU -> Dropout for g and bias-free projections.
     """
 
     Config = AITMConfig

@@ -248,10 +248,12 @@ class ESCM2(_CausalCVR):
     imputation tower's loss (see :class:`MultiDR`; ``imputation`` chooses its form).
     Defaults lambda_c = lambda_g = 0.5 (``counterfactual_weight``, ``global_weight``) are those of
     the authors' public PaddleRec implementation (models/multitask/escm2, config_bigdata.yaml); the
-    paper treats both as tuned hyper-parameters. Propensities clipped at ``min_propensity`` and
-    detached (PaddleRec detaches them in IPS; in its DR they are not: ``detach_propensity: false``
-    reproduces that). Departure: PaddleRec clips the IPS weight at 15 (min_propensity 1/15); our
-    default 0.01 suits CTRs of a few percent. Regulariser and CTCVR loss both belong to the
+    paper treats both as tuned hyper-parameters (that config runs the DR variant; ours defaults to
+    ``ips``). Propensities clipped at ``min_propensity`` and detached. Departures from PaddleRec's
+    code: its IPS weight is 1 / (pCTR x n_clicks^2) with n_clicks the batch's click count, clipped
+    at 15, where ours is 1 / pCTR clipped at 1 / ``min_propensity`` (0.01 suits CTRs of a few
+    percent); its DR imputes the error itself (our ``imputation: error``, default ``label``) and
+    detaches nothing (``detach_propensity: false`` covers the propensity part only). Regulariser and CTCVR loss both belong to the
     conversion task, so balancers see L_CTR and lambda_g L_CTCVR + lambda_c R_CVR as its two losses.
     """
 
