@@ -215,3 +215,33 @@ def test_resume_refuses_a_changed_configuration(files_config, tmp_path):
     lines: list[str] = []
     train_run(files_config(epochs=2), out, resume=True, echo=lines.append)  # only longer
     assert any(line.startswith("resumed from") for line in lines)
+
+
+def test_a_resumed_run_that_had_stopped_early_stays_stopped(funnel_tables, monkeypatch):
+    """--resume of a run that stopped early (killed before metrics.json, or simply run again) must
+    not train on from the last epoch and replace the best model; a larger patience may."""
+    _, train, valid = funnel_tables
+    scores = iter([0.70, 0.80, 0.75, 0.74, 0.90, 0.95])
+    monkeypatch.setattr(
+        trainer_mod, "evaluate", lambda model, table, batch_size: {"click": {"auc": next(scores)}}
+    )
+    first = _trainer(funnel_tables, epochs=6, patience=1)
+    assert first.fit(train, valid).stopped_early and len(first.result.history) == 4
+    again = _trainer(funnel_tables, epochs=6, patience=1)
+    again.load_state(first.state())
+    result = again.fit(train, valid)
+    assert result.stopped_early and len(result.history) == 4 and result.best_epoch == 2
+    for key, value in again.model.state_dict().items():
+        assert torch.equal(value, first.model.state_dict()[key]), key
+    longer = _trainer(funnel_tables, epochs=6, patience=3)
+    longer.load_state(first.state())
+    assert len(longer.fit(train, valid).history) == 6  # scores 0.90, 0.95 improve again
+
+
+def test_starting_over_removes_an_earlier_runs_checkpoint_and_results(files_config, tmp_path):
+    out = tmp_path / "run"
+    train_run(files_config(epochs=1), out, echo=lambda *_: None)
+    with pytest.raises(TrainingDiverged):  # a new run here dies in its first steps
+        train_run(files_config(epochs=1, lr=1e9, optimizer="sgd"), out, echo=lambda *_: None)
+    left = {p.name for p in out.iterdir()}
+    assert not left & {"checkpoint.pt", "model.pt", "metrics.json", "history.json"}, left

@@ -52,6 +52,20 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+# What a run writes into its folder: a run that starts over (no --resume) removes them first, or
+# an earlier run's checkpoint would be resumed, or its results read, as the new run's.
+RUN_OUTPUTS = (
+    "checkpoint.pt",
+    "model.pt",
+    "metrics.json",
+    "history.json",
+    DIAGNOSTICS_FILE,
+    "config.yaml",
+    "encoder.json",
+    "schema.json",
+)
+
+
 def load_splits(config: dict[str, Any]) -> DatasetSplits:
     name, options = split_named(config["dataset"], "dataset")
     max_rows = options.pop("max_rows", None)
@@ -92,6 +106,9 @@ def _train_run(
             )
     if main:
         out.mkdir(parents=True, exist_ok=True)
+        if not resume:  # starting over: nothing of an earlier run here may be read as this one's
+            for name in RUN_OUTPUTS:
+                (out / name).unlink(missing_ok=True)
     else:
         echo = lambda *_: None  # noqa: E731
     if tcfg.threads:
@@ -150,8 +167,6 @@ def _train_run(
         schema.save(out / "schema.json")
         save_text(yaml.safe_dump(config, sort_keys=False), out / "config.yaml")
     monitor = GradientMonitor.from_config(model, tcfg)  # None unless train.diagnose
-    if not resume and main:  # a stale file from an earlier run here would mislead 'report'
-        (out / DIAGNOSTICS_FILE).unlink(missing_ok=True)
 
     def report(rec: EpochRecord) -> None:
         parts = " ".join(

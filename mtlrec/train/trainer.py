@@ -172,6 +172,8 @@ class Trainer:
             "balancer": self.balancer.state_dict(),
             "generator": self.generator.get_state(),
             "torch_rng": torch.get_rng_state(),
+            # CUDA dropout draws from the device's generator, which seeding resets on resume
+            "cuda_rng": torch.cuda.get_rng_state_all() if self.device.type == "cuda" else None,
             "next_epoch": self.start_epoch,
             "epoch_generator": self.epoch_generator_state,
             "step_in_epoch": self.step_in_epoch,
@@ -188,6 +190,8 @@ class Trainer:
         self.balancer.load_state_dict(state["balancer"])
         self.generator.set_state(state["generator"])
         torch.set_rng_state(state["torch_rng"])
+        if state.get("cuda_rng") is not None and self.device.type == "cuda":
+            torch.cuda.set_rng_state_all(state["cuda_rng"])
         self.start_epoch = state["next_epoch"]
         self.epoch_generator_state = state["epoch_generator"]
         self.step_in_epoch = state["step_in_epoch"]
@@ -202,7 +206,11 @@ class Trainer:
         names = self.model.schema.task_names
         source = as_source(train, self.rank, self.world)
         progress = _Progress(enabled=cfg.progress)
-        for epoch in range(self.start_epoch, cfg.epochs):
+        # A resumed run that had already stopped early stays stopped (a larger patience resumes)
+        last = self.start_epoch if self.bad_epochs > cfg.patience else cfg.epochs
+        if last == self.start_epoch and self.start_epoch < cfg.epochs:
+            self.result.stopped_early = True
+        for epoch in range(self.start_epoch, last):
             self.model.train()
             started = time.perf_counter()
             if self.step_in_epoch == 0:  # a fresh epoch (not one resumed midway)
@@ -324,8 +332,8 @@ class Trainer:
             t = int(bad.nonzero()[0])
             raise TrainingDiverged(
                 f"epoch {epoch + 1} step {step + 1}: loss of task "
-                f"{self.model.schema.task_names[t]!r} is {losses[t].item()}; lower train.lr or "
-                "check the labels (the last good checkpoint is kept)"
+                f"{self.model.schema.task_names[t]!r} is {losses[t].item()}; start over "
+                "(without --resume) with a lower train.lr, or check the labels"
             )
 
 
