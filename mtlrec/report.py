@@ -160,8 +160,9 @@ def conflict_section(diag: dict[str, Any] | None, model: str = "?") -> list[str]
 
 
 def pair_statistics(diag: dict[str, Any]) -> dict[str, dict[str, Any]]:
-    """Per pair: conflict fraction and mean cosine over all recorded steps (the per-epoch
-    summaries weighted by their step counts, so downsampling of the series does not matter)."""
+    """Per pair: conflict fraction and mean cosine over the recorded steps where the cosine is
+    defined (the per-epoch summaries weighted by those counts, so downsampling of the series
+    does not matter; a step where a task had no observed row has no cosine)."""
     out: dict[str, dict[str, Any]] = {}
     epochs = diag.get("epochs") or []
     for a, b in diag.get("pairs") or []:
@@ -171,7 +172,7 @@ def pair_statistics(diag: dict[str, Any]) -> dict[str, dict[str, Any]]:
         last = None
         for e in epochs:
             f, c = e["conflict_fraction"].get(key), e["cosine"].get(key)
-            k = e.get("steps_recorded", 0)
+            k = (e.get("cosine_defined") or {}).get(key, e.get("steps_recorded", 0))
             if f is None or c is None or not k:
                 continue
             frac_sum += f * k
@@ -216,12 +217,7 @@ def gate_section(diag: dict[str, Any] | None, best_epoch: int | None) -> list[st
 def transfer_section(run: RunFiles, base: RunFiles | None) -> list[str]:
     lines = ["## Transfer: multi-task vs single-task baseline", ""]
     if base is None:
-        dataset = run.dataset
-        data_args = (
-            f"--dataset {dataset}"
-            if dataset and dataset != "files"
-            else "--train ... --valid ... --test ... --schema ..."
-        )
+        data_args = data_arguments(run.config)
         out = run.path.parent / "single-task"
         return lines + [
             "No baseline was given, so negative transfer cannot be judged. Train a single-task "
@@ -237,13 +233,9 @@ def transfer_section(run: RunFiles, base: RunFiles | None) -> list[str]:
         lines += ["(No test metrics in one of the runs: comparing validation metrics.)", ""]
     if base.name != "single-task":
         lines += [f"(Note: the baseline is model {base.name!r}, not 'single-task'.)", ""]
-    if base.dataset and run.dataset and base.dataset != run.dataset:
-        lines += [
-            f"(Warning: the baseline was trained on {base.dataset!r}, this run on "
-            f"{run.dataset!r}; the comparison is not meaningful.)",
-            "",
-        ]
     mine, theirs = run.metrics.get(split) or {}, base.metrics.get(split) or {}
+    for warning in comparability_warnings(run, base, split):
+        lines += [f"(Warning: {warning})", ""]
     negative, compared = [], 0
     for task, m in mine.items():
         b = theirs.get(task)
@@ -273,14 +265,60 @@ def transfer_section(run: RunFiles, base: RunFiles | None) -> list[str]:
             "The single-task model is better there; sharing hurts those tasks."
         )
     elif compared:
-        lines.append(
-            "No negative transfer: the multi-task model is at least as good on every task."
-        )
+        which = "every task" if compared == len(mine) else f"the {compared} tasks compared"
+        lines.append(f"No negative transfer: the multi-task model is at least as good on {which}.")
     lines.append(
         "One run each: differences of a few thousandths can be seed noise; repeat with "
         "`--seed` before concluding."
     )
     return lines + [""]
+
+
+def comparability_warnings(run: RunFiles, base: RunFiles, split: str) -> list[str]:
+    """Why the two runs' numbers may not be comparable: other data settings (dataset name,
+    files, row cap, split fractions), another seed, or another number of scored rows."""
+    out = []
+    mine, theirs = run.config.get("dataset") or {}, base.config.get("dataset") or {}
+    differs = sorted(k for k in set(mine) | set(theirs) if mine.get(k) != theirs.get(k))
+    if mine and theirs and differs:
+        shown = "; ".join(f"dataset.{k}: {mine.get(k)!r} vs {theirs.get(k)!r}" for k in differs[:3])
+        out.append(f"the two runs were trained on other data settings ({shown})")
+    seeds = [(r.config.get("train") or {}).get("seed") for r in (run, base)]
+    if None not in seeds and seeds[0] != seeds[1]:
+        out.append(
+            f"other seeds ({seeds[0]} vs {seeds[1]}): a part of any difference is seed noise"
+        )
+    rows = {
+        t: (m.get("rows"), (base.metrics.get(split) or {}).get(t, {}).get("rows"))
+        for t, m in (run.metrics.get(split) or {}).items()
+    }
+    other = [f"{t} {a} vs {b}" for t, (a, b) in rows.items() if None not in (a, b) and a != b]
+    if other:
+        out.append(f"the {split} split has other rows in the two runs ({', '.join(other)})")
+    return out
+
+
+def data_arguments(config: dict[str, Any]) -> str:
+    """The ``mtlrec train`` flags that give a run's data again (for a baseline's command)."""
+    dataset = dict(config.get("dataset") or {})
+    name = dataset.pop("name", None)
+    if not name:
+        return "--train ... --valid ... --test ... --schema ..."
+    if name == "files":
+        args = [
+            f"--{k} {dataset.pop(k)}"
+            for k in ("train", "valid", "test", "schema")
+            if dataset.get(k)
+        ]
+    else:
+        args = [f"--dataset {name}"]
+    if dataset.get("max_rows") is not None:
+        args.append(f"--max-rows {dataset.pop('max_rows')}")
+    args += [f"--set dataset.{k}={v}" for k, v in sorted(dataset.items()) if v is not None]
+    seed = (config.get("train") or {}).get("seed")
+    if seed is not None:
+        args.append(f"--seed {seed}")
+    return " ".join(args)
 
 
 def primary_metric(mine: dict[str, Any], theirs: dict[str, Any]) -> str | None:

@@ -277,3 +277,83 @@ def test_every_model_can_be_diagnosed(model_name):
     else:
         assert len(data["series"]["step"]) == 3
         assert all(n > 0 for n in data["series"]["grad_norm"]["click"])
+
+
+def test_a_one_task_schema_can_be_diagnosed():
+    frame = funnel_frame(300, seed=5)
+    schema = Schema(features=[Feature("user"), Feature("item")], tasks=[Task("click")])
+    enc = Encoder(schema).fit(frame)
+    table = enc.transform(frame)
+    torch.manual_seed(0)
+    model = build_model("mmoe", enc.schema, enc.layout(), {"embed_dim": 4})
+    monitor = _fit_with_monitor(model, table)
+    data = monitor.to_dict()
+    assert data["pairs"] == [] and data["epochs"][0]["steps_recorded"] == 5
+    assert data["epochs"][0]["grad_norm"]["click"] > 0
+
+
+def test_a_checkpoint_mid_epoch_resumes_the_same_diagnostics():
+    """The monitor's record is part of the checkpoint: a run resumed from a mid-epoch checkpoint
+    records the same steps (and step numbers) as one never interrupted."""
+    enc, table = _twin_tasks("negated")
+
+    def trainer(**train):
+        torch.manual_seed(0)
+        model = build_model("shared-bottom", enc.schema, enc.layout(), {"embed_dim": 4})
+        cfg = TrainConfig(batch_size=64, progress=False, diagnose=True, diagnose_every=3, **train)
+        monitor = GradientMonitor.from_config(model, cfg)
+        return Trainer(model, build_balancer("ew", model), cfg, monitor=monitor), monitor
+
+    straight, expected = trainer(epochs=2)
+    straight.fit(table, table)
+    first, _ = trainer(epochs=2)
+    states = []
+    first._save = lambda: states.append(copy.deepcopy(first.state()))
+    first.config.checkpoint_every = 4
+    first.fit(table, table)
+    mid = next(s for s in states if s["next_epoch"] == 1 and s["step_in_epoch"] == 4)
+    resumed, monitor = trainer(epochs=2)
+    resumed.load_state(mid)
+    resumed.fit(table, table)
+    assert monitor.step == expected.step and monitor.calls == expected.calls
+    assert monitor.to_dict()["epochs"] == expected.to_dict()["epochs"]
+
+
+def test_verdict_weights_each_epoch_by_its_defined_cosines():
+    from mtlrec.report import pair_statistics
+
+    epoch = {"steps_recorded": 10, "conflict_fraction": {"a/b": 0.5}, "cosine": {"a/b": -0.1}}
+    diag = {
+        "pairs": [["a", "b"]],
+        "epochs": [
+            {**epoch, "cosine_defined": {"a/b": 2}},
+            {**epoch, "conflict_fraction": {"a/b": 0.0}, "cosine": {"a/b": 0.2}},
+        ],
+    }
+    stats = pair_statistics(diag)["a / b"]  # 2 defined steps at 50 %, then 10 at 0 %
+    assert stats["steps"] == 12 and stats["fraction"] == pytest.approx(1 / 12)
+    assert stats["cosine"] == pytest.approx((2 * -0.1 + 10 * 0.2) / 12)
+
+
+def test_no_collapse_is_reported_where_one_expert_is_the_design():
+    from mtlrec.train.diagnostics import summarise_gates
+
+    one = summarise_gates(torch.tensor([[1.0]]), ["a"], ["e0"], can_collapse=False)
+    assert one["collapsed"] == [] and not one["collapse_warning"]
+    enc, table = _twin_tasks("same")
+    for name, options in (("mmoe", {"num_experts": 1}), ("dselect-k", {"k": 1})):
+        torch.manual_seed(0)
+        model = build_model(name, enc.schema, enc.layout(), {"embed_dim": 4, **options})
+        monitor = _fit_with_monitor(model, table)
+        assert monitor.warnings() == [], name
+
+
+def test_a_run_that_diverges_keeps_the_steps_it_diagnosed(own_files, tmp_path):
+    out = tmp_path / "diverged"
+    result = _train(
+        own_files, out, "--epochs", "1", "--diagnose",
+        "--set", "train.optimizer=sgd", "--set", "train.lr=1e12",
+    )  # fmt: skip
+    assert result.exit_code == 2 and "start over" in result.output, result.output
+    data = json.loads((out / DIAGNOSTICS_FILE).read_text())
+    assert data["steps_seen"] >= 1 and len(data["series"]["step"]) >= 1

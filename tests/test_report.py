@@ -132,3 +132,35 @@ def test_a_folder_that_is_not_a_run_is_one_line_exit_2(tmp_path, where):
     assert result.exit_code == 2, result.output
     lines = [line for line in result.output.splitlines() if line.strip()]
     assert len(lines) == 1 and "not a finished run" in lines[0], result.output
+
+
+def test_baseline_on_other_data_or_rows_is_warned_and_partial_coverage_said(tmp_path):
+    _fake_run(tmp_path / "mtl", "mmoe", {"click": {"auc": 0.75, "rows": 3000}, "dwell": {"mse": 1}})
+    _fake_run(tmp_path / "single", "single-task", {"click": {"auc": 0.72, "rows": 1000}})
+    config = yaml.safe_load((tmp_path / "single" / "config.yaml").read_text())
+    config["dataset"]["max_rows"] = 1000
+    (tmp_path / "single" / "config.yaml").write_text(yaml.safe_dump(config))
+    result = runner.invoke(
+        app, ["report", str(tmp_path / "mtl"), "--baseline", str(tmp_path / "single")]
+    )
+    assert result.exit_code == 0, result.output
+    verdict = (tmp_path / "mtl" / "report" / "verdict.md").read_text()
+    assert "other data settings (dataset.max_rows: None vs 1000)" in verdict
+    assert "the test split has other rows in the two runs (click 3000 vs 1000)" in verdict
+    assert "at least as good on the 1 tasks compared" in verdict
+
+
+def test_the_suggested_baseline_command_repeats_the_runs_data_flags():
+    from mtlrec.report import data_arguments
+
+    config = {"dataset": {"name": "census-income", "max_rows": 3000}, "train": {"seed": 7}}
+    assert data_arguments(config) == "--dataset census-income --max-rows 3000 --seed 7"
+    files = {
+        "dataset": {
+            "name": "files",
+            "train": "/d/t.csv",
+            "valid": "/d/v.csv",
+            "schema": "/d/s.yaml",
+        }
+    }
+    assert data_arguments(files) == "--train /d/t.csv --valid /d/v.csv --schema /d/s.yaml"

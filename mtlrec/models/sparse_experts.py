@@ -146,6 +146,11 @@ class DSelectK(MTLModel):
                 )
             )
 
+    @property
+    def experts_per_task(self) -> int:
+        """At most k experts per task by design (diagnostics do not call that a collapse)."""
+        return self.config.k
+
     def forward(self, batch: TensorTable) -> ModelOutput:
         x = self.embedding(batch)
         expert_out = self.experts(x)

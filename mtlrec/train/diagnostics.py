@@ -112,11 +112,13 @@ class GradientMonitor:
     ) -> dict[str, Any]:
         """Aggregate the steps recorded since the last call, add gate statistics of an expert
         model on ``valid``; returns the epoch's summary (also kept in ``self.epochs``)."""
+        recorded = len(self.step) - self._epoch_start
         norms = np.array(self.norms[self._epoch_start :], dtype=np.float64).reshape(
-            -1, len(self.tasks)
+            recorded, len(self.tasks)
         )
         cos = np.array(self.cosines[self._epoch_start :], dtype=np.float64).reshape(
-            -1, len(self.pairs)
+            recorded,
+            len(self.pairs),  # a one-task schema has no pairs: [recorded, 0]
         )
         self._epoch_start = len(self.step)
         summary: dict[str, Any] = {
@@ -132,6 +134,7 @@ class GradientMonitor:
             col = cos[:, k][~np.isnan(cos[:, k])]
             summary["cosine"][key] = _mean(col)
             summary["conflict_fraction"][key] = float((col < 0).mean()) if col.size else None
+            summary.setdefault("cosine_defined", {})[key] = int(col.size)
         gates = self.gate_summary(model, valid, batch_size)
         if gates is not None:
             summary["gates"] = gates
@@ -161,7 +164,10 @@ class GradientMonitor:
         self._has_gates = total is not None
         if total is None:
             return None
-        return summarise_gates(total / rows, self.tasks, expert_labels(model, total.shape[1]))
+        # one expert, or a gate built to pick a single one (DSelect-k with k = 1): no collapse
+        can_collapse = total.shape[1] > 1 and getattr(model, "experts_per_task", None) != 1
+        labels = expert_labels(model, total.shape[1])
+        return summarise_gates(total / rows, self.tasks, labels, can_collapse)
 
     # --- output ------------------------------------------------------------------------------------
     def warnings(self) -> list[str]:
@@ -222,9 +228,31 @@ class GradientMonitor:
     def save(self, path: str | Path) -> None:
         save_json(self.to_dict(), path)
 
+    def state_dict(self) -> dict[str, Any]:
+        """Everything recorded so far, raw (not downsampled), for the trainer's checkpoint: a run
+        resumed mid-epoch continues the same step count, sampling and series."""
+        return {
+            "calls": self.calls,
+            "shared_dim": self.shared_dim,
+            "step": list(self.step),
+            "epoch": list(self.epoch),
+            "norms": [list(r) for r in self.norms],
+            "cosines": [list(r) for r in self.cosines],
+            "epochs": list(self.epochs),
+            "epoch_start": self._epoch_start,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.calls, self.shared_dim = state["calls"], state["shared_dim"]
+        self.step, self.epoch = list(state["step"]), list(state["epoch"])
+        self.norms = [list(r) for r in state["norms"]]
+        self.cosines = [list(r) for r in state["cosines"]]
+        self.epochs, self._epoch_start = list(state["epochs"]), state["epoch_start"]
+
     def restore(self, path: str | Path, completed_epochs: int) -> None:
-        """Continue a resumed run: keep what ``path`` recorded for the first
-        ``completed_epochs`` epochs (the checkpoint's), drop anything later."""
+        """Continue a run resumed from a checkpoint written before the monitor's state was part
+        of it: keep what ``path`` recorded for the first ``completed_epochs`` epochs, drop
+        anything later (a downsampled series comes back as its bucket means)."""
         path = Path(path)
         if not path.exists():
             return
@@ -254,19 +282,21 @@ def expert_labels(model: MTLModel, num: int) -> list[str]:
     return [f"e{i}" for i in range(num)]
 
 
-def summarise_gates(mean: torch.Tensor, tasks: Sequence[str], labels: Sequence[str]) -> dict:
+def summarise_gates(
+    mean: torch.Tensor, tasks: Sequence[str], labels: Sequence[str], can_collapse: bool = True
+) -> dict:
     """Statistics of the mean gate weights ``mean`` [T, E] (rows sum to 1).
 
     ``effective_experts``: exp(entropy) of a task's mean gate, 1 (one expert) to E (uniform).
     ``expert_load``: mean over tasks of each column's weight (for CGC/PLE the ``own`` columns
     are different experts for each task). ``collapsed``: tasks with ``max_share`` above
-    :data:`COLLAPSE_SHARE`.
+    :data:`COLLAPSE_SHARE` (none when ``can_collapse`` is false).
     """
     mean = mean.double()
     p = mean.clamp_min(1e-12)
     entropy = -(mean * p.log()).sum(1)
     share, top = mean.max(1)
-    collapsed = [t for t, s in zip(tasks, share.tolist()) if s > COLLAPSE_SHARE]
+    collapsed = [t for t, s in zip(tasks, share.tolist()) if s > COLLAPSE_SHARE and can_collapse]
     return {
         "experts": list(labels),
         "mean": {t: row for t, row in zip(tasks, mean.tolist())},

@@ -200,9 +200,14 @@ def _train_run(
         if state is not None:
             trainer.load_state(state)
             echo(f"resumed from {ckpt} at epoch {trainer.start_epoch + 1}")
-            if monitor is not None:
+            if monitor is not None and state.get("diagnostics") is None:  # an older checkpoint
                 monitor.restore(out / DIAGNOSTICS_FILE, trainer.start_epoch)
-    result = trainer.fit(train, valid)
+    try:
+        result = trainer.fit(train, valid)
+    except BaseException:
+        if monitor is not None and main:  # the steps before a divergence are the telling ones
+            monitor.save(out / DIAGNOSTICS_FILE)
+        raise
 
     if main:
         save_torch(

@@ -174,6 +174,7 @@ class Trainer:
             "torch_rng": torch.get_rng_state(),
             # CUDA dropout draws from the device's generator, which seeding resets on resume
             "cuda_rng": torch.cuda.get_rng_state_all() if self.device.type == "cuda" else None,
+            "diagnostics": self.monitor.state_dict() if self.monitor is not None else None,
             "next_epoch": self.start_epoch,
             "epoch_generator": self.epoch_generator_state,
             "step_in_epoch": self.step_in_epoch,
@@ -192,6 +193,8 @@ class Trainer:
         torch.set_rng_state(state["torch_rng"])
         if state.get("cuda_rng") is not None and self.device.type == "cuda":
             torch.cuda.set_rng_state_all(state["cuda_rng"])
+        if self.monitor is not None and state.get("diagnostics") is not None:
+            self.monitor.load_state_dict(state["diagnostics"])
         self.start_epoch = state["next_epoch"]
         self.epoch_generator_state = state["epoch_generator"]
         self.step_in_epoch = state["step_in_epoch"]
