@@ -82,6 +82,15 @@ def _fake_run(path, model: str, test: dict, dataset: str = "toy") -> None:
     (path / "config.yaml").write_text(yaml.safe_dump(config))
 
 
+def _verdict_against_baseline(tmp_path) -> str:
+    """``mtlrec report tmp_path/mtl --baseline tmp_path/single``; the verdict.md it writes."""
+    result = runner.invoke(
+        app, ["report", str(tmp_path / "mtl"), "--baseline", str(tmp_path / "single")]
+    )
+    assert result.exit_code == 0, result.output
+    return (tmp_path / "mtl" / "report" / "verdict.md").read_text()
+
+
 def test_verdict_names_negative_transfer_when_the_baseline_is_better(tmp_path):
     _fake_run(
         tmp_path / "mtl",
@@ -93,11 +102,7 @@ def test_verdict_names_negative_transfer_when_the_baseline_is_better(tmp_path):
         "single-task",
         {"click": {"auc": 0.72, "logloss": 0.4}, "buy": {"auc": 0.78}, "score": {"mse": 0.40}},
     )
-    result = runner.invoke(
-        app, ["report", str(tmp_path / "mtl"), "--baseline", str(tmp_path / "single")]
-    )
-    assert result.exit_code == 0, result.output
-    verdict = (tmp_path / "mtl" / "report" / "verdict.md").read_text()
+    verdict = _verdict_against_baseline(tmp_path)
     assert "negative transfer on task click (\u22120.0200 AUC)" in verdict
     assert "positive transfer on task buy (+0.0200 AUC)" in verdict
     assert "negative transfer on task score (+0.1000 mse)" in verdict  # MSE: lower is better
@@ -140,11 +145,7 @@ def test_baseline_on_other_data_or_rows_is_warned_and_partial_coverage_said(tmp_
     config = yaml.safe_load((tmp_path / "single" / "config.yaml").read_text())
     config["dataset"]["max_rows"] = 1000
     (tmp_path / "single" / "config.yaml").write_text(yaml.safe_dump(config))
-    result = runner.invoke(
-        app, ["report", str(tmp_path / "mtl"), "--baseline", str(tmp_path / "single")]
-    )
-    assert result.exit_code == 0, result.output
-    verdict = (tmp_path / "mtl" / "report" / "verdict.md").read_text()
+    verdict = _verdict_against_baseline(tmp_path)
     assert "other data settings (dataset.max_rows: None vs 1000)" in verdict
     assert "the test split has other rows in the two runs (click 3000 vs 1000)" in verdict
     assert "at least as good on the 1 tasks compared" in verdict
