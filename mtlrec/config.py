@@ -73,6 +73,9 @@ class TrainConfig:
         return device
 
     def __post_init__(self) -> None:
+        # Built in code as well as from YAML: convert like train_config (1.9 epochs is an error)
+        for f in fields(self):
+            setattr(self, f.name, _TYPED[type(f.default)](getattr(self, f.name), f"train.{f.name}"))
         if self.monitor not in ("auc", "loss"):
             raise ConfigError(f"train.monitor: {self.monitor!r} is not 'auc' or 'loss'")
         for key in ("epochs", "batch_size", "eval_batch_size", "diagnose_every"):

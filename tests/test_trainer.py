@@ -10,7 +10,7 @@ from mtlrec import config as cfg
 from mtlrec.balance import build_balancer
 from mtlrec.config import TrainConfig
 from mtlrec.data.encoder import Encoder
-from mtlrec.errors import ConfigError
+from mtlrec.errors import ConfigError, DataError
 from mtlrec.models import build_model, describe_models
 from mtlrec.train.run import train_run
 from mtlrec.train.trainer import Trainer, TrainingDiverged
@@ -245,3 +245,43 @@ def test_starting_over_removes_an_earlier_runs_checkpoint_and_results(files_conf
         train_run(files_config(epochs=1, lr=1e9, optimizer="sgd"), out, echo=lambda *_: None)
     left = {p.name for p in out.iterdir()}
     assert not left & {"checkpoint.pt", "model.pt", "metrics.json", "history.json"}, left
+
+
+def test_the_python_api_takes_the_same_train_options_as_the_config(funnel_tables):
+    """TrainConfig built in code converts like a YAML train: section; Trainer takes a mapping or
+    nothing, applies threads and diagnose itself; evaluate has the default batch size."""
+    from mtlrec.train.trainer import evaluate
+
+    with pytest.raises(ConfigError, match="train.epochs must be an integer, got 2.5"):
+        TrainConfig(epochs=2.5)
+    assert TrainConfig(lr="1e-3").lr == 0.001  # YAML reads 1e-3 as text
+    enc, train, valid = funnel_tables
+    torch.manual_seed(0)
+    model = build_model("shared-bottom", enc.schema, enc.layout(), {"embed_dim": 4})
+    before = torch.get_num_threads()
+    try:
+        trainer = Trainer(
+            model, build_balancer("ew", model), {"epochs": 1, "threads": 1, "diagnose": True}
+        )
+        assert torch.get_num_threads() == 1 and trainer.monitor is not None
+    finally:
+        torch.set_num_threads(before)
+    assert Trainer(model, build_balancer("ew", model)).config == TrainConfig()
+    trainer.fit(train, valid)
+    assert trainer.monitor.epochs and set(evaluate(model, valid)) == {"click", "purchase"}
+
+
+def test_python_api_mistakes_say_what_to_do(funnel_tables, files_config, tmp_path):
+    enc, train, valid = funnel_tables
+    frame = funnel_frame(20, seed=9).drop(columns=["click", "purchase"])
+    with pytest.raises(DataError, match="missing label column.*pass labels=False"):
+        enc.transform(frame)
+    assert len(enc.transform(frame, labels=False)) == 20
+    with pytest.raises(TypeError, match="layout must be encoder.layout"):
+        build_model("mmoe", enc.schema, enc)
+    model = build_model("mmoe", enc.schema, enc.layout())
+    with pytest.raises(TypeError, match="encode it first"):
+        Trainer(model, build_balancer("ew", model), {"epochs": 1}).fit(frame, valid)
+    partial = {"dataset": files_config()["dataset"], "model": {"name": "mmoe"}}
+    with pytest.raises(ConfigError, match=r"pass mtlrec.config.resolve\(your_config\)"):
+        train_run(partial, tmp_path / "run")

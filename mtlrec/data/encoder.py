@@ -120,9 +120,14 @@ class Encoder:
         about a chunk of a larger file."""
         self._check_fitted()
         needed = [f.source for f in self.schema.features]
-        if labels:
-            needed += [t.source for t in self.schema.tasks]
         require_columns(frame, needed, where)
+        if labels:
+            missing = [t.source for t in self.schema.tasks if t.source not in frame.columns]
+            if missing:
+                raise DataError(
+                    f"{where}: missing label column(s) {', '.join(map(repr, missing))}; to encode "
+                    "rows without labels (scoring), pass labels=False"
+                )
         layout = self.layout()
         n = len(frame)
         embedded = self.schema.embedded_fields()

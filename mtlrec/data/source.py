@@ -90,4 +90,9 @@ def as_source(train: TensorTable | BatchSource, rank: int = 0, world: int = 1) -
     returned as it is (it was built for its rank)."""
     if isinstance(train, TensorTable):
         return InMemorySource(train, rank, world)
+    if not hasattr(train, "num_batches"):
+        raise TypeError(
+            f"training data is a {type(train).__name__}; encode it first: "
+            "Encoder(schema).fit(frame).transform(frame) gives the table to train on"
+        )
     return train

@@ -34,7 +34,13 @@ def model_class(name: str) -> type[MTLModel]:
 def build_model(
     name: str, schema: Schema, layout: InputLayout, options: dict[str, Any] | None = None
 ) -> MTLModel:
+    """The registered model ``name`` for ``schema`` and the encoder's ``layout``
+    (``encoder.layout()``), with ``options`` (the ``model:`` keys) checked and converted."""
     cls = model_class(name)
+    if not isinstance(layout, InputLayout):
+        raise TypeError(
+            f"build_model: layout must be encoder.layout(), got {type(layout).__name__}"
+        )
     config = build_config(cls.Config, dict(options or {}), name)
     return cls(schema, layout, config)
 

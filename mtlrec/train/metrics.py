@@ -11,7 +11,6 @@ import math
 
 import numpy as np
 import torch
-from sklearn.metrics import roc_auc_score
 
 from mtlrec.schema import Schema
 
@@ -22,6 +21,8 @@ def auc(labels: np.ndarray, scores: np.ndarray) -> float:
     """ROC AUC; NaN when only one class is present (undefined, not 0.5)."""
     if labels.size == 0 or labels.min() == labels.max():
         return math.nan
+    from sklearn.metrics import roc_auc_score  # here: importing scikit-learn takes ~0.7 s
+
     return float(roc_auc_score(labels, scores))
 
 

@@ -47,6 +47,8 @@ log = logging.getLogger(__name__)
 
 
 def seed_everything(seed: int) -> None:
+    """Seed Python's, numpy's and torch's global generators (model initialisation, dropout),
+    as ``mtlrec train`` does with ``train.seed`` before it builds the model."""
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
@@ -78,7 +80,15 @@ def train_run(
     resume: bool = False,
     echo=print,
 ) -> dict[str, Any]:
-    """Train, select on validation, test once; returns the metrics written to metrics.json."""
+    """Train, select on validation, test once; returns the metrics written to metrics.json.
+    ``config``: a resolved configuration, ``mtlrec.config.resolve({...})`` (defaults, dataset
+    preset and your keys merged), as ``mtlrec train`` builds it."""
+    sections = ("dataset", "model", "train", "balance")
+    if not all(isinstance(config.get(k), dict) for k in sections) or "seed" not in config["train"]:
+        raise ConfigError(
+            "train_run needs a resolved configuration (sections dataset, model, train, balance "
+            "with every default): pass mtlrec.config.resolve(your_config)"
+        )
     tcfg = train_config(config["train"])
     created = dist.init(tcfg.device)  # under torchrun: join the process group
     try:

@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from mtlrec.balance.base import Balancer, check_compile
-from mtlrec.config import TrainConfig
+from mtlrec.config import TrainConfig, train_config
 from mtlrec.data.source import BatchSource, as_source
 from mtlrec.data.table import TensorTable
 from mtlrec.errors import ConfigError, MTLRecError
@@ -64,7 +64,7 @@ class FitResult:
 
 @torch.no_grad()
 def predict(
-    model: MTLModel, table: TensorTable, batch_size: int
+    model: MTLModel, table: TensorTable, batch_size: int = TrainConfig.eval_batch_size
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(conditional, joint) predictions [N, T] for a whole split, without autograd."""
     was_training = model.training
@@ -81,7 +81,9 @@ def predict(
     return torch.cat(cond_parts), torch.cat(joint_parts)
 
 
-def evaluate(model: MTLModel, table: TensorTable, batch_size: int) -> dict[str, dict[str, float]]:
+def evaluate(
+    model: MTLModel, table: TensorTable, batch_size: int = TrainConfig.eval_batch_size
+) -> dict[str, dict[str, float]]:
     """Per-task metrics of a split. With several ranks each predicts a contiguous shard and the
     predictions are gathered in order, so AUC is over the whole split (not a mean of per-shard
     AUCs); rank 0 computes the metrics and every rank receives them."""
@@ -112,15 +114,43 @@ def make_optimizer(
 
 
 class Trainer:
+    """Trains ``model`` with ``balancer`` on encoded tables (``Encoder.transform``): epochs of
+    shuffled batches, early stopping on the validation split, best weights restored.
+
+    Used from Python (``mtlrec train`` does all of this for you):
+
+    1. ``seed_everything(seed)`` (mtlrec.train.run) before ``build_model``: the model's
+       initialisation and dropout use torch's global generator; ``config.seed`` seeds only the
+       batch order.
+    2. ``build_model(name, encoder.schema, encoder.layout())``, then ``model.to(device)`` and the
+       tables ``.to(device)``: the trainer trains where the model's parameters are.
+    3. ``build_balancer(name, model)`` after the move (a balancer's own parameters follow the
+       model's device), then ``Trainer(model, balancer, config).fit(train, valid)``.
+
+    ``config``: a :class:`TrainConfig` (or a ``train:`` mapping); ``threads`` and ``diagnose``
+    apply here too. ``fit`` trains up to ``config.epochs`` epochs in all: a second call on a
+    trainer that has finished trains nothing.
+    """
+
     def __init__(
         self,
         model: MTLModel,
         balancer: Balancer,
-        config: TrainConfig,
+        config: TrainConfig | dict | None = None,
         checkpoint_path: Path | None = None,
         on_epoch: Callable[[EpochRecord], None] | None = None,
         monitor: GradientMonitor | None = None,
     ) -> None:
+        if config is None:
+            config = TrainConfig()
+        elif isinstance(config, dict):
+            config = train_config(config)
+        if config.threads:
+            torch.set_num_threads(config.threads)
+        if monitor is None and config.diagnose:
+            from mtlrec.train.diagnostics import GradientMonitor
+
+            monitor = GradientMonitor.from_config(model, config)
         self.model = model
         # train.compile: the training forward runs through torch.compile (inductor fuses the
         # element-wise work around the matmuls: +11-22 % samples/s single-threaded on CPU, no
