@@ -111,3 +111,36 @@ def test_synthetic_dataset_is_repeatable_and_split(tmp_path):
     assert [t.type for t in a.schema.tasks] == ["regression", "regression"]
     with pytest.raises(ConfigError, match="correlation"):
         load_dataset("synthetic-mmoe", p=1.5)
+
+
+def _served(tmp_path, content: bytes) -> str:
+    """A file:// URL serving ``content`` (downloads are tested without a network)."""
+    path = tmp_path / "served.bin"
+    path.write_bytes(content)
+    return path.as_uri()
+
+
+def test_a_cut_off_or_short_download_is_an_error_and_is_not_cached(tmp_path, monkeypatch):
+    import gzip
+
+    from mtlrec.data.datasets.download import download
+
+    cache = tmp_path / "cache"
+    whole = gzip.compress(b"a,b\n" * 1000)
+    cut = RemoteFile("f", "x.gz", _served(tmp_path, whole[: len(whole) // 2]), None, "0" * 64)
+    with pytest.raises(DataError, match="cannot download .*served.bin"):
+        download(cut, cache / "f" / "x.gz")
+    lines = "|1x3 Cross validator\n" + "row\n" * 10
+    short = RemoteFile("f", "adult.test", _served(tmp_path, lines.encode()), data_lines=16_281)
+    with pytest.raises(DataError, match="10 data lines downloaded, a complete file has 16,281"):
+        download(short, cache / "f" / "adult.test")
+    assert not any(p.is_file() for p in cache.rglob("*"))  # nothing trusted next time
+    blocked = tmp_path / "a-file"
+    blocked.write_text("")
+    with pytest.raises(DataError, match="cannot write the download cache"):
+        download(short, blocked / "f" / "adult.test")
+
+
+def test_aliexpress_validation_fraction_is_checked():
+    with pytest.raises(ConfigError, match=r"dataset.valid_fraction: 1.0 is not in \(0, 1\)"):
+        load_dataset("aliexpress", valid_fraction=1.0)

@@ -165,3 +165,10 @@ def test_a_corrupt_archive_member_is_rejected_and_not_kept(data_dir, tmp_path):
         coat_module.extract_members(archive, tmp_path / "out")
     assert not (tmp_path / "out" / "test.ascii").exists()
     assert not [p for p in (tmp_path / "out").glob(".test.ascii*")]
+
+
+def test_a_damaged_coat_archive_is_named(tmp_path):
+    archive = tmp_path / "coat.zip"
+    archive.write_bytes(b"<html>not a zip</html>")
+    with pytest.raises(DataError, match="coat.zip: not a readable zip archive"):
+        coat_module.extract_members(archive, tmp_path / "out")

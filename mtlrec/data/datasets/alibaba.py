@@ -55,7 +55,8 @@ def ali_ccp(max_rows: int | None = None, seed: int = 2024, sample: bool = False)
         )
     ]
     paths, _ = _first_available(full, samples, sample)
-    frames = [_cap(read_frame(p, columns=["click", "purchase"]), max_rows) for p in paths]
+    # read only the rows kept: the full release has tens of millions
+    frames = [read_frame(p, columns=["click", "purchase"], max_rows=max_rows) for p in paths]
     feats = [c for c in frames[0].columns if c not in ("click", "purchase") and c]
     schema = Schema(
         features=[Feature(c, "numeric" if c.startswith("D") else "categorical") for c in feats],
@@ -72,6 +73,8 @@ def aliexpress(
     """AliExpress (AITM/MTReclib layout): click -> conversion, 16 sparse + 63 dense fields."""
     if country not in ("NL", "ES", "FR", "US"):
         raise ConfigError(f"dataset.country: {country!r} is not one of NL, ES, FR, US")
+    if not 0 < valid_fraction < 1:
+        raise ConfigError(f"dataset.valid_fraction: {valid_fraction} is not in (0, 1)")
     full = [RemoteFile("aliexpress", f"AliExpress_{country}/{s}.csv") for s in ("train", "test")]
     samples = [
         RemoteFile(

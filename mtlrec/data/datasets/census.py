@@ -65,6 +65,7 @@ ADULT_FILES = {
         "adult.test",
         f"{UCI}/adult/adult.test",
         None,  # UCI's copy starts with a '|1x3 Cross validator' line that ours lacks
+        data_lines=16_281,
     ),
 }
 

@@ -87,7 +87,13 @@ def extract_members(archive: Path, target: Path) -> None:
     Members are matched by path suffix, so a zip with a leading ``coat/`` folder (or none) works.
     Each file is written to a temporary name and renamed, so a failed check leaves nothing behind.
     """
-    with zipfile.ZipFile(archive) as zf:
+    try:
+        zf = zipfile.ZipFile(archive)
+    except zipfile.BadZipFile as exc:  # a cut-off download, or an HTML page under that name
+        raise DataError(
+            f"{archive}: not a readable zip archive ({exc}); download it again"
+        ) from None
+    with zf:
         members = [m for m in zf.namelist() if not m.endswith("/")]
         for name, sha in SHA256.items():
             found = [m for m in members if m == name or m.endswith("/" + name)]

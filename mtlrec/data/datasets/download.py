@@ -25,6 +25,9 @@ class RemoteFile:
     url: str | None = None
     sha256: str | None = None  # of the file as downloaded
     content_sha256: str | None = None  # of the decompressed content, for .gz files
+    # Without a checksum (copies differ in a header line): the number of data lines, not blank
+    # and not starting with '|', that a complete download has.
+    data_lines: int | None = None
 
 
 def data_dir() -> Path | None:
@@ -64,18 +67,24 @@ def locate(remote: RemoteFile, verify: bool = False) -> Path:
 
 
 def download(remote: RemoteFile, target: Path) -> Path:
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.")
+    """``remote.url`` into ``target``, atomically, kept only when its checks pass (a cut-off or
+    wrong download is never trusted later)."""
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp_name = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.")
+    except OSError as exc:
+        raise DataError(
+            f"cannot write the download cache {target.parent} ({exc.strerror}); set "
+            "MTLREC_CACHE to a writable folder, or MTLREC_DATA_DIR to one holding "
+            f"{remote.folder}/{remote.name}"
+        ) from None
     tmp = Path(tmp_name)
     try:
         with os.fdopen(fd, "wb") as out, urllib.request.urlopen(remote.url, timeout=60) as resp:
             shutil.copyfileobj(resp, out)
-        if remote.sha256 and sha256_of(tmp) != remote.sha256:
-            raise DataError(f"{remote.url}: downloaded file fails its sha256 check")
-        if remote.content_sha256 and sha256_of(tmp, gunzip=True) != remote.content_sha256:
-            raise DataError(f"{remote.url}: decompressed content fails its sha256 check")
+        _check(remote, tmp)
         os.replace(tmp, target)
-    except OSError as exc:
+    except (OSError, EOFError) as exc:  # EOFError: a cut-off gzip, found by its content check
         raise DataError(
             f"cannot download {remote.url} ({exc}); set MTLREC_DATA_DIR to a folder holding "
             f"{remote.folder}/{remote.name}"
@@ -83,3 +92,18 @@ def download(remote: RemoteFile, target: Path) -> Path:
     finally:
         tmp.unlink(missing_ok=True)
     return target
+
+
+def _check(remote: RemoteFile, path: Path) -> None:
+    if remote.sha256 and sha256_of(path) != remote.sha256:
+        raise DataError(f"{remote.url}: downloaded file fails its sha256 check")
+    if remote.content_sha256 and sha256_of(path, gunzip=True) != remote.content_sha256:
+        raise DataError(f"{remote.url}: decompressed content fails its sha256 check")
+    if remote.data_lines is not None:
+        with path.open("rb") as fh:
+            lines = sum(1 for line in fh if line.strip() and not line.startswith(b"|"))
+        if lines != remote.data_lines:
+            raise DataError(
+                f"{remote.url}: {lines:,} data lines downloaded, a complete file has "
+                f"{remote.data_lines:,}"
+            )
