@@ -30,6 +30,9 @@ FILE_KEYS = ("train", "valid", "test", "schema")  # the paths of dataset 'files'
 
 @dataclass
 class TrainConfig:
+    """The ``train:`` section: optimisation, early stopping, device, precision, checkpoints,
+    diagnostics (values checked and converted on construction)."""
+
     epochs: int = 10
     batch_size: int = 1024
     eval_batch_size: int = 16384
@@ -115,6 +118,7 @@ class TrainConfig:
 
 
 def default_config() -> dict[str, Any]:
+    """Every section with its defaults (the base that presets and your keys are merged onto)."""
     return {
         "dataset": {"name": "synthetic-mmoe"},
         "model": {"name": "mmoe"},
@@ -134,6 +138,8 @@ def preset(dataset: str | None) -> dict[str, Any]:
 
 
 def load_yaml(path: str | Path) -> dict[str, Any]:
+    """A YAML config file as a mapping of sections; an unreadable file or a wrong section is a
+    ConfigError."""
     path = Path(path)
     data = read_yaml(path, "config")
     if data is None:  # an empty file: nothing to change
@@ -200,6 +206,8 @@ def _one_line(text: str) -> str:
 
 
 def check_sections(data: dict[str, Any], where: str) -> None:
+    """Refuse a section name that is not dataset, model, train or balance (``where`` names the
+    file)."""
     unknown = sorted(set(data) - set(SECTIONS))
     if unknown:
         raise ConfigError(
@@ -211,6 +219,7 @@ def check_sections(data: dict[str, Any], where: str) -> None:
 
 
 def merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
+    """``override`` merged onto ``base`` section by section (a new dict; neither is changed)."""
     out = copy.deepcopy(base)
     for key, value in override.items():
         if isinstance(value, dict) and isinstance(out.get(key), dict) and key != "weights":
@@ -306,6 +315,8 @@ def _absolute_files(dataset: dict[str, Any]) -> dict[str, Any]:
 
 
 def train_config(section: dict[str, Any]) -> TrainConfig:
+    """The ``train:`` mapping as a :class:`TrainConfig`; an unknown key or a wrong type is a
+    ConfigError."""
     allowed = {f.name: f for f in fields(TrainConfig)}
     unknown = sorted(set(section) - set(allowed))
     if unknown:

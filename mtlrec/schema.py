@@ -118,6 +118,8 @@ class Task:
 
 @dataclass
 class Schema:
+    """The features and tasks of a dataset: what each column is and which task depends on which."""
+
     features: list[Feature] = field(default_factory=list)
     tasks: list[Task] = field(default_factory=list)
 
@@ -160,15 +162,18 @@ class Schema:
         return [t.name for t in self.tasks]
 
     def task(self, name: str) -> Task:
+        """The task named ``name`` (a ConfigError naming the tasks otherwise)."""
         for t in self.tasks:
             if t.name == name:
                 return t
         raise ConfigError(f"unknown task {name!r}; tasks are {', '.join(self.task_names)}")
 
     def task_index(self, name: str) -> int:
+        """Position of task ``name`` in ``tasks`` (the column of labels and predictions)."""
         return self.task_names.index(self.task(name).name)
 
     def features_of(self, kind: str) -> list[Feature]:
+        """The features of one type (categorical, numeric or sequence), in schema order."""
         return [f for f in self.features if f.type == kind]
 
     def embedded_fields(self) -> list[Feature]:
@@ -186,10 +191,12 @@ class Schema:
         return [names.index(t.depends_on) if t.depends_on else -1 for t in self.tasks]
 
     def required_columns(self) -> list[str]:
+        """Every column a frame must have to be encoded with labels: features' and tasks' sources."""
         return [f.source for f in self.features] + [t.source for t in self.tasks]
 
     # --- serialisation ---------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
+        """Plain data for JSON/YAML (the inverse of ``from_dict``)."""
         return {
             "features": [_compact(asdict(f), Feature) for f in self.features],
             "tasks": [_compact(asdict(t), Task) for t in self.tasks],
@@ -221,6 +228,7 @@ class Schema:
             raise ConfigError(f"{where}: {str(exc).removeprefix('schema: ')}") from None
 
     def save(self, path: str | Path) -> None:
+        """Write the schema as JSON (a run's ``schema.json``)."""
         Path(path).write_text(json.dumps(self.to_dict(), indent=2))
 
     @classmethod

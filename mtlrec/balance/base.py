@@ -53,9 +53,11 @@ class Balancer:
         return None
 
     def state_dict(self) -> dict[str, Any]:
+        """The balancer's own state (weights, running statistics) for checkpoints."""
         return {}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore what :meth:`state_dict` returned."""
         pass
 
     def make_optimizer(
@@ -67,6 +69,8 @@ class Balancer:
 
 
 def register_balancer(name: str):
+    """Class decorator: make a balancer buildable by ``name``."""
+
     def wrap(cls: type[Balancer]) -> type[Balancer]:
         if name in BALANCERS:
             raise ValueError(f"balancer {name!r} registered twice")
@@ -78,6 +82,7 @@ def register_balancer(name: str):
 
 
 def balancer_class(name: str) -> type[Balancer]:
+    """The balancer class registered as ``name`` (a ConfigError listing the names otherwise)."""
     _load_all()
     if name not in BALANCERS:
         raise ConfigError(
@@ -104,6 +109,8 @@ def check_compile(compile: bool, balancer: str | Balancer, diagnose: bool) -> No
 
 
 def build_balancer(name: str, model: MTLModel, options: dict[str, Any] | None = None) -> Balancer:
+    """The balancer ``name`` for ``model``, with ``options`` (the ``balance:`` keys) checked; build
+    it after moving the model to its device."""
     cls = balancer_class(name)
     options = dict(options or {})
     allowed = {f.name for f in fields(cls.Config)}
@@ -148,6 +155,7 @@ def _coerce(kind: type[BalancerConfig], options: dict[str, Any]) -> dict[str, An
 
 
 def config_error(key: str, message: str) -> ConfigError:
+    """A ConfigError naming the option ``balance.KEY``."""
     return ConfigError(f"balance.{key}: {message}")
 
 

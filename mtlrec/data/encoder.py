@@ -54,6 +54,7 @@ class Encoder:
 
     # --- fitting ---------------------------------------------------------------------------------
     def fit(self, frame: pd.DataFrame, where: str = "train") -> Encoder:
+        """Fit vocabularies, hash sizes and numeric statistics on the training frame only."""
         require_columns(frame, self.schema.required_columns(), where)
         if len(frame) == 0:
             raise DataError(f"{where}: no rows to fit the encoder on")
@@ -95,6 +96,7 @@ class Encoder:
         return st["hash_buckets"] if "hash_buckets" in st else len(st["vocab"]) + 1
 
     def layout(self) -> InputLayout:
+        """Field offsets and sizes of the fused embedding table (what ``build_model`` needs)."""
         self._check_fitted()
         embedded = self.schema.embedded_fields()
         offsets, sizes, next_row = [], [], 1
@@ -228,6 +230,7 @@ class Encoder:
 
     # --- persistence ---------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
+        """The fitted state and the schema as plain data (``from_dict`` reads it back)."""
         self._check_fitted()
         return {"version": ENCODER_VERSION, "schema": self.schema.to_dict(), "state": self.state}
 
@@ -242,6 +245,7 @@ class Encoder:
         return enc
 
     def save(self, path: str | Path) -> None:
+        """Write the fitted encoder as JSON (a run's ``encoder.json``)."""
         Path(path).write_text(json.dumps(self.to_dict()))
 
     @classmethod

@@ -14,6 +14,8 @@ MODELS: dict[str, type[MTLModel]] = {}
 
 
 def register(name: str):
+    """Class decorator: make a model buildable by ``name``."""
+
     def wrap(cls: type[MTLModel]) -> type[MTLModel]:
         if name in MODELS:
             raise ValueError(f"model {name!r} registered twice")
@@ -25,6 +27,7 @@ def register(name: str):
 
 
 def model_class(name: str) -> type[MTLModel]:
+    """The model class registered as ``name`` (a ConfigError listing the names otherwise)."""
     _load_all()
     if name not in MODELS:
         raise ConfigError(f"unknown model {name!r}; choose one of: {', '.join(sorted(MODELS))}")
@@ -46,6 +49,7 @@ def build_model(
 
 
 def describe_models() -> dict[str, str]:
+    """Name -> one-line description of every registered model (``mtlrec list models``)."""
     _load_all()
     return {name: summary(cls.__doc__) for name, cls in sorted(MODELS.items())}
 

@@ -46,6 +46,8 @@ SCORE = "score"
 
 @dataclass(frozen=True)
 class PredictSummary:
+    """What ``predict_file`` wrote: the output path, rows, columns and the seconds it took."""
+
     out: Path
     rows: int
     columns: list[str]

@@ -69,6 +69,7 @@ RUN_OUTPUTS = (
 
 
 def load_splits(config: dict[str, Any]) -> DatasetSplits:
+    """The train, validation and test frames and the schema that ``config['dataset']`` names."""
     name, options = split_named(config["dataset"], "dataset")
     max_rows = options.pop("max_rows", None)
     return load_dataset(name, max_rows=max_rows, seed=config["train"]["seed"], **options)

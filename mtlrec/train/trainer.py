@@ -46,6 +46,9 @@ class TrainingDiverged(MTLRecError):
 
 @dataclass
 class EpochRecord:
+    """One epoch: mean training loss per task, validation metrics, the monitored figure, time and
+    throughput."""
+
     epoch: int
     train_loss: dict[str, float]
     valid: dict[str, dict[str, float]]
@@ -56,6 +59,9 @@ class EpochRecord:
 
 @dataclass
 class FitResult:
+    """What ``Trainer.fit`` returns: the epochs run, the best one, and whether early stopping ended
+    the run."""
+
     history: list[EpochRecord] = field(default_factory=list)
     best_epoch: int = -1
     best_monitor: float = -math.inf
@@ -195,6 +201,8 @@ class Trainer:
 
     # --- checkpoints -----------------------------------------------------------------------------
     def state(self) -> dict[str, Any]:
+        """Everything needed to resume exactly (weights, optimizer, RNG states, position in the
+        epoch)."""
         return {
             "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
@@ -215,6 +223,7 @@ class Trainer:
         }
 
     def load_state(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`state` (a checkpoint) before :meth:`fit` continues the run."""
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
@@ -235,6 +244,8 @@ class Trainer:
 
     # --- the loop --------------------------------------------------------------------------------
     def fit(self, train: TensorTable | BatchSource, valid: TensorTable) -> FitResult:
+        """Train on ``train`` (a table or a streaming source), select on ``valid``; restores the
+        best epoch's weights."""
         cfg = self.config
         names = self.model.schema.task_names
         source = as_source(train, self.rank, self.world)
