@@ -285,3 +285,25 @@ def test_python_api_mistakes_say_what_to_do(funnel_tables, files_config, tmp_pat
     partial = {"dataset": files_config()["dataset"], "model": {"name": "mmoe"}}
     with pytest.raises(ConfigError, match=r"pass mtlrec.config.resolve\(your_config\)"):
         train_run(partial, tmp_path / "run")
+
+
+def test_a_model_trained_in_python_is_saved_as_a_run_folder(funnel_tables, tmp_path):
+    """save_run writes what load_run, predict and evaluate --data read, like mtlrec train."""
+    from mtlrec.train.predict_file import predict_file
+    from mtlrec.train.run import evaluate_run, load_run, save_run
+    from mtlrec.train.trainer import predict
+
+    enc, train, valid = funnel_tables
+    torch.manual_seed(0)
+    model = build_model("ple", enc.schema, enc.layout(), {"embed_dim": 4, "dropout": 0.1})
+    Trainer(model, build_balancer("ew", model), {"epochs": 1}).fit(train, valid)
+    run = save_run(tmp_path / "run", model, enc, TrainConfig(epochs=1))
+    _, encoder, loaded = load_run(run)
+    for a, b in zip(predict(model, valid), predict(loaded, valid)):
+        assert torch.equal(a, b)
+    data = tmp_path / "valid.csv"
+    funnel_frame(200, seed=2).to_csv(data, index=False)
+    assert predict_file(run, data, tmp_path / "s.csv").rows == 200
+    assert set(evaluate_run(run, str(data))["valid.csv"]) == {"click", "purchase"}
+    with pytest.raises(ConfigError, match="saved from Python .* --data FILE"):
+        evaluate_run(run)

@@ -13,6 +13,7 @@ hands it to the others, writes every file and prints; all ranks train and evalua
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import random
@@ -71,6 +72,11 @@ RUN_OUTPUTS = (
 def load_splits(config: dict[str, Any]) -> DatasetSplits:
     """The train, validation and test frames and the schema that ``config['dataset']`` names."""
     name, options = split_named(config["dataset"], "dataset")
+    if name == SAVED_FROM_PYTHON:
+        raise ConfigError(
+            "this run was saved from Python (save_run) and records no dataset: evaluate or score "
+            "a labelled file with --data FILE"
+        )
     max_rows = options.pop("max_rows", None)
     return load_dataset(name, max_rows=max_rows, seed=config["train"]["seed"], **options)
 
@@ -268,6 +274,36 @@ def read_run_config(path: Path) -> dict[str, Any]:
     if not isinstance(config, dict) or not isinstance(config.get("train"), dict):
         raise ConfigError(f"{path}: not a run's configuration (no train section)")
     return config
+
+
+SAVED_FROM_PYTHON = "python"  # dataset.name of a run folder written by save_run
+
+
+def save_run(
+    out_dir: str | Path, model: MTLModel, encoder: Encoder, train: TrainConfig | None = None
+) -> Path:
+    """A run folder for a model trained from Python (``Trainer``): ``load_run``,
+    ``mtlrec evaluate RUN --data FILE``, ``mtlrec predict``, ``export`` and ``serve`` read it as
+    they read a folder of ``mtlrec train``. It records no dataset, so evaluate a labelled file
+    with ``--data``; ``train`` (optional) is recorded in its config.yaml."""
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"{out}: a file is in the way; name a folder for the run")
+    out.mkdir(parents=True, exist_ok=True)
+    options = json.loads(json.dumps(asdict(model.config)))  # tuples -> lists, as YAML holds them
+    config = {
+        "dataset": {"name": SAVED_FROM_PYTHON},
+        "model": {"name": model.name, **options},
+        "train": asdict(train or TrainConfig()),
+    }
+    save_torch(
+        {"model": model.name, "options": options, "state_dict": model.state_dict()},
+        out / "model.pt",
+    )
+    encoder.save(out / "encoder.json")
+    encoder.schema.save(out / "schema.json")
+    save_text(yaml.safe_dump(config, sort_keys=False), out / "config.yaml")
+    return out
 
 
 def load_run(run_dir: str | Path) -> tuple[dict[str, Any], Encoder, MTLModel]:
