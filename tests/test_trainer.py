@@ -207,6 +207,16 @@ def test_a_validation_task_with_one_class_is_warned_about(tmp_path):
     assert metrics["valid"]["click"]["auc"] is not None
 
 
+def test_train_run_leaves_the_callers_thread_count(files_config, tmp_path):
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        train_run(files_config(epochs=1, threads=1), tmp_path / "run", echo=lambda *_: None)
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_resume_refuses_a_changed_configuration(files_config, tmp_path):
     out = tmp_path / "run"
     train_run(files_config(epochs=1), out, echo=lambda *_: None)

@@ -97,10 +97,12 @@ def train_run(
             "with every default): pass mtlrec.config.resolve(your_config)"
         )
     tcfg = train_config(config["train"])
+    threads = torch.get_num_threads()  # train.threads holds for this run, not for the caller
     created = dist.init(tcfg.device)  # under torchrun: join the process group
     try:
         return _train_run(config, tcfg, Path(out_dir), resume, echo)
     finally:
+        torch.set_num_threads(threads)
         if created:
             dist.cleanup()
 
