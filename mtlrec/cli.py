@@ -17,7 +17,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from mtlrec.errors import MTLRecError
+from mtlrec.errors import MTLRecError, first_line
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
 console = Console()
@@ -377,7 +377,7 @@ def compare(
         try:
             metrics = json.loads(path.read_text()).get(split) or {}
         except (json.JSONDecodeError, UnicodeDecodeError, AttributeError) as exc:
-            _fail(MTLRecError(f"{path}: not a metrics file ({str(exc).splitlines()[0]})"))
+            _fail(MTLRecError(f"{path}: not a metrics file ({first_line(exc)})"))
         flat = {f"{t} {k}": v for t, m in metrics.items() for k, v in m.items() if k != "rows"}
         columns += [c for c in flat if c not in columns]
         rows.append((run.name, flat))

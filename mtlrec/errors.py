@@ -16,3 +16,10 @@ class ConfigError(MTLRecError):
 
 class DataError(MTLRecError):
     """A malformed data file, a missing column, a bad label or value."""
+
+
+def first_line(exc: BaseException) -> str:
+    """The first line of an exception's message (its type when the message is empty): what a
+    one-line error shows of a library's multi-line message."""
+    text = str(exc).strip() or type(exc).__name__
+    return text.splitlines()[0]

@@ -22,7 +22,7 @@ import torch
 
 from mtlrec.data.readers import NA_TOKENS, require_columns
 from mtlrec.data.table import TensorTable
-from mtlrec.errors import DataError
+from mtlrec.errors import DataError, first_line
 from mtlrec.schema import Feature, Schema
 
 ENCODER_VERSION = 1
@@ -330,7 +330,7 @@ def _token_lists(column: pd.Series, feat: Feature, where: str) -> Any:
     except (pa.ArrowInvalid, pa.ArrowNotImplementedError, pa.ArrowTypeError, TypeError) as exc:
         raise DataError(
             f"{where}: column {feat.source!r}: sequence feature {feat.name!r} holds lists that are not "
-            f"lists of strings or numbers ({str(exc).splitlines()[0]})"
+            f"lists of strings or numbers ({first_line(exc)})"
         ) from None
 
 

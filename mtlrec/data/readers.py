@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from mtlrec.errors import DataError
+from mtlrec.errors import DataError, first_line
 
 #: Cell values that mean "missing" in a numeric column.
 NA_TOKENS = frozenset({"", "nan", "NaN", "NAN", "NA", "N/A", "null", "NULL", "None", "?"})
@@ -68,12 +68,12 @@ def read_frame(
     except DataError:
         raise
     except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError, EOFError) as exc:
-        raise DataError(f"{path}: malformed file ({_first_line(exc)})") from exc
+        raise DataError(f"{path}: malformed file ({first_line(exc)})") from exc
     except OSError as exc:  # truncated/corrupt gzip, permission denied, ...
-        raise DataError(f"{path}: cannot read ({_first_line(exc)})") from exc
+        raise DataError(f"{path}: cannot read ({first_line(exc)})") from exc
     except Exception as exc:  # pyarrow's errors for corrupt Parquet files
         if type(exc).__module__.startswith("pyarrow"):
-            raise DataError(f"{path}: cannot read Parquet ({_first_line(exc)})") from exc
+            raise DataError(f"{path}: cannot read Parquet ({first_line(exc)})") from exc
         raise
     if header and not is_parquet(path) and not path.is_dir():
         _check_duplicate_header(frame, path, sep)
@@ -188,8 +188,3 @@ def parquet_columns(path: Path, present: list[str], columns: list[str] | None) -
             f"found {', '.join(sorted(present)[:12])}"
         )
     return list(dict.fromkeys(columns))
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip() or type(exc).__name__
-    return text.splitlines()[0]

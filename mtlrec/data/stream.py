@@ -47,7 +47,7 @@ from mtlrec.data.encoder import (
 )
 from mtlrec.data.readers import is_parquet, parquet_columns, read_frame
 from mtlrec.data.table import TensorTable
-from mtlrec.errors import DataError
+from mtlrec.errors import DataError, first_line
 from mtlrec.schema import Schema
 
 #: Raw rows read and encoded at a time (one record batch).
@@ -117,7 +117,7 @@ class _Files:
             raise
         except Exception as exc:  # pyarrow's errors for unreadable or corrupt files
             if type(exc).__module__.startswith("pyarrow"):
-                raise DataError(f"{self.path}: cannot read Parquet ({_first_line(exc)})") from exc
+                raise DataError(f"{self.path}: cannot read Parquet ({first_line(exc)})") from exc
             raise
         self.pieces = pieces
         # read_frame reads a whole file, where pandas turns an integer column with any null
@@ -159,7 +159,7 @@ class _Files:
                 first_row += len(frame)
         except Exception as exc:
             if type(exc).__module__.startswith("pyarrow"):
-                raise DataError(f"{piece.where}: cannot read Parquet ({_first_line(exc)})") from exc
+                raise DataError(f"{piece.where}: cannot read Parquet ({first_line(exc)})") from exc
             raise
 
 
@@ -501,8 +501,3 @@ def _merge_counts(parts: list[pd.Series]) -> pd.Series:
     if len(parts) == 1:
         return parts[0]
     return pd.concat(parts).groupby(level=0, sort=False).sum()
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip() or type(exc).__name__
-    return text.splitlines()[0]

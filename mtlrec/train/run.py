@@ -35,7 +35,7 @@ from mtlrec.data.datasets import DatasetSplits, load_dataset
 from mtlrec.data.encoder import Encoder
 from mtlrec.data.source import BatchSource
 from mtlrec.data.table import TensorTable
-from mtlrec.errors import ConfigError, DataError, MTLRecError
+from mtlrec.errors import ConfigError, DataError, MTLRecError, first_line
 from mtlrec.models import MTLModel, build_model
 from mtlrec.schema import Schema
 from mtlrec.train import distributed as dist
@@ -324,15 +324,10 @@ def load_run(run_dir: str | Path) -> tuple[dict[str, Any], Encoder, MTLModel]:
         raise
     except Exception as exc:  # truncated copy, another file under that name, other weights
         raise MTLRecError(
-            f"{run / 'model.pt'}: cannot load the model (truncated or corrupt? {_first_line(exc)})"
+            f"{run / 'model.pt'}: cannot load the model (truncated or corrupt? {first_line(exc)})"
         ) from None
     model.eval()
     return config, encoder, model
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return text[0] if text else type(exc).__name__
 
 
 def csv_separator(config: dict[str, Any]) -> str:
