@@ -323,11 +323,7 @@ def train_config(section: dict[str, Any]) -> TrainConfig:
         raise ConfigError(
             f"unknown key(s) train.{', train.'.join(unknown)}; allowed: {', '.join(sorted(allowed))}"
         )
-    values = {}
-    for key, value in section.items():
-        kind = type(allowed[key].default)
-        values[key] = _TYPED[kind](value, f"train.{key}")
-    return TrainConfig(**values)
+    return TrainConfig(**section)  # which converts and checks every value, naming its key
 
 
 def _is_whole(value: Any) -> bool:
