@@ -13,13 +13,19 @@ def test_schema_round_trips_through_json(tmp_path):
     assert again.upstream_index() == [-1, 0]
 
 
-def test_schema_yaml_file_is_read(tmp_path):
+def _schema_from_yaml(tmp_path, text: str) -> Schema:
+    """``Schema.load`` of ``text`` written to ``tmp_path/schema.yaml``."""
     path = tmp_path / "schema.yaml"
-    path.write_text(
+    path.write_text(text)
+    return Schema.load(path)
+
+
+def test_schema_yaml_file_is_read(tmp_path):
+    schema = _schema_from_yaml(
+        tmp_path,
         "features:\n  - {name: a}\n  - {name: b, type: numeric}\n"
-        "tasks:\n  - {name: y, type: regression, weight: 2}\n"
+        "tasks:\n  - {name: y, type: regression, weight: 2}\n",
     )
-    schema = Schema.load(path)
     assert [f.type for f in schema.features] == ["categorical", "numeric"]
     assert schema.tasks[0].weight == 2
 
@@ -167,12 +173,11 @@ def test_integral_floats_are_taken_as_integers():
 
 def test_numeric_names_are_csv_headers(tmp_path):
     """A CSV header 0,1,2,... is text: YAML ints in name/column/depends_on read those columns."""
-    path = tmp_path / "schema.yaml"
-    path.write_text(
+    schema = _schema_from_yaml(
+        tmp_path,
         "features: [{name: 0}, {name: 2, type: numeric}, {name: x, column: 3}]\n"
-        "tasks: [{name: 4}, {name: 5, depends_on: 4}]\n"
+        "tasks: [{name: 4}, {name: 5, depends_on: 4}]\n",
     )
-    schema = Schema.load(path)
     assert schema.required_columns() == ["0", "2", "3", "4", "5"]
     assert schema.upstream_index() == [-1, 0]
     schema.save(tmp_path / "again.json")
