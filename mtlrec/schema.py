@@ -31,7 +31,13 @@ class Feature:
     non-monotone effects (age, hours) without a deep network. ``log`` applies sign(x)·log1p(|x|)
     first, for heavy-tailed amounts.
     ``sequence``: a multi-value field such as ``"a|b|c"``, split on ``sep``, cut to ``max_len``
-    and mean-pooled over its embeddings.
+    (its first ``max_len`` tokens) and mean-pooled over its embeddings (sequence models read the
+    tokens one by one).
+    ``vocab_of``: the name of a categorical feature whose vocabulary and embedding rows this
+    categorical or sequence feature uses, so that the same id means the same vector in both: a
+    history of item ids (``vocab_of: item``) can then be matched against the candidate item, as
+    target attention (DIN, DMT) needs. The shared vocabulary is fitted on the values of every
+    feature that uses it; ``min_freq`` and ``hash_buckets`` are set on the feature it names.
     """
 
     name: str
@@ -43,6 +49,7 @@ class Feature:
     max_len: int = 20
     buckets: int = 0
     log: bool = False
+    vocab_of: str | None = None
 
     def __post_init__(self) -> None:
         self.name = _name(self.name, "feature")
@@ -67,6 +74,15 @@ class Feature:
             raise ConfigError(f"feature {self.name!r}: buckets apply to numeric features only")
         if self.max_len < 1:
             raise ConfigError(f"feature {self.name!r}: max_len must be >= 1")
+        if self.vocab_of is not None:
+            self.vocab_of = _name(self.vocab_of, f"{what}: vocab_of")
+            if self.type == "numeric":
+                raise ConfigError(f"{what}: vocab_of applies to categorical and sequence features")
+            if self.hash_buckets or self.min_freq != 1:
+                raise ConfigError(
+                    f"{what}: with vocab_of, set min_freq and hash_buckets on {self.vocab_of!r}, "
+                    "whose vocabulary this feature uses"
+                )
 
     @property
     def source(self) -> str:
@@ -155,6 +171,16 @@ class Schema:
                 )
             if self.task(t.depends_on).type != "binary":
                 raise ConfigError(f"task {t.name!r}: upstream task {t.depends_on!r} must be binary")
+        by_name = {f.name: f for f in self.features}
+        for f in self.features:
+            if f.vocab_of is None:
+                continue
+            owner = by_name.get(f.vocab_of)
+            if owner is None or owner.type != "categorical" or owner.vocab_of is not None:
+                raise ConfigError(
+                    f"feature {f.name!r}: vocab_of {f.vocab_of!r} must name a categorical feature "
+                    "of the schema that has its own vocabulary (no vocab_of itself)"
+                )
 
     # --- lookups -------------------------------------------------------------------------------
     @property

@@ -206,3 +206,110 @@ def test_serving_mode_needs_no_labels(funnel_schema):
     frame = funnel_frame(10).drop(columns=["click", "purchase"])
     table = enc.transform(frame, labels=False)
     assert table.labels.shape == (10, 2)
+
+
+def _shared_schema(**item):
+    return Schema(
+        [
+            Feature("item", **item),
+            Feature("hist", "sequence", max_len=4, vocab_of="item"),
+            Feature("prev", vocab_of="item"),
+        ],
+        [Task("y")],
+    )
+
+
+SHARED_TRAIN = pd.DataFrame(
+    {
+        "item": ["a", "b", "a"],
+        "hist": ["c|a", "", "b|c|d"],  # 'c' and 'd' are never a candidate item
+        "prev": ["d", "a", "e"],
+        "y": [1, 0, 1],
+    }
+)
+
+
+def test_vocab_of_gives_the_same_id_the_same_row_and_fits_on_every_user():
+    enc = Encoder(_shared_schema()).fit(SHARED_TRAIN)
+    assert enc.state["item"]["vocab"] == ["a", "b", "c", "d", "e"]
+    layout = enc.layout()
+    assert layout.vocab_size == 1 + 6  # padding + one block (OOV + 5), no block per user
+    assert layout.field_offsets == (1, 1, 1) and layout.field_sizes == (6, 6, 6)
+    frame = pd.DataFrame({"item": ["c", "zz"], "hist": ["a|c|zz", "c"], "prev": ["c", "a"]})
+    table = enc.transform(frame, labels=False)
+    c_row = 1 + 1 + 2  # block start + OOV + position of 'c'
+    assert table.cat[0].tolist() == [c_row, c_row]
+    assert table.seq[0].tolist() == [2, c_row, 1, 0]  # a, c, unseen -> OOV, padding
+    assert table.seq[1, 0].item() == table.cat[0, 0].item()
+
+
+def test_vocab_of_min_freq_counts_the_owner_and_its_users_together():
+    enc = Encoder(_shared_schema(min_freq=2)).fit(SHARED_TRAIN)
+    # a: 2 + 2 (hist) + 1 (prev); b: 1 + 1; c: 2; d: 1 + 1; e: 1
+    assert enc.state["item"]["vocab"] == ["a", "b", "c", "d"]
+
+
+def test_vocab_of_follows_a_hashed_owner_and_survives_a_round_trip(tmp_path):
+    enc = Encoder(_shared_schema(hash_buckets=11)).fit(SHARED_TRAIN)
+    assert enc.layout().vocab_size == 1 + 11
+    enc.save(tmp_path / "encoder.json")
+    again = Encoder.load(tmp_path / "encoder.json")
+    frame = pd.DataFrame({"item": ["q"], "hist": ["q|a"], "prev": ["q"]})
+    a, b = enc.transform(frame, labels=False), again.transform(frame, labels=False)
+    assert torch.equal(a.seq, b.seq) and torch.equal(a.cat, b.cat)
+    assert a.cat[0, 0] == a.cat[0, 1] == a.seq[0, 0]
+
+
+def test_streaming_fit_shares_vocabularies_like_the_in_memory_fit(tmp_path):
+    from mtlrec.data.stream import fit_encoder_stream
+
+    path = tmp_path / "train.parquet"
+    SHARED_TRAIN.to_parquet(path)
+    schema = _shared_schema(min_freq=2)
+    streamed = fit_encoder_stream(schema, path, read_rows=1)
+    assert streamed.state == Encoder(schema).fit(SHARED_TRAIN).state
+
+
+@pytest.mark.parametrize(
+    "features, needle",
+    [
+        ([Feature("s", "sequence", vocab_of="nope")], "vocab_of 'nope' must name a categorical"),
+        (
+            [Feature("x", "numeric"), Feature("s", "sequence", vocab_of="x")],
+            "vocab_of 'x' must name a categorical",
+        ),
+        (
+            [Feature("t", "sequence"), Feature("s", "sequence", vocab_of="t")],
+            "vocab_of 't' must name a categorical",
+        ),
+        (
+            [Feature("a"), Feature("b", vocab_of="a"), Feature("c", vocab_of="b")],
+            "vocab_of 'b' must name a categorical feature of the schema that has its own",
+        ),
+        ([Feature("a", vocab_of="a")], "vocab_of 'a' must name"),
+    ],
+)
+def test_vocab_of_must_name_a_categorical_feature_with_its_own_vocabulary(features, needle):
+    from mtlrec.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=needle):
+        Schema(features, [Task("y")])
+
+
+def test_vocab_of_refuses_its_own_min_freq_or_hashing_and_numeric_features():
+    from mtlrec.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="set min_freq and hash_buckets on 'item'"):
+        Feature("h", "sequence", vocab_of="item", min_freq=3)
+    with pytest.raises(ConfigError, match="vocab_of applies to categorical and sequence"):
+        Feature("n", "numeric", vocab_of="item")
+    with pytest.raises(ConfigError, match="unknown key"):
+        Schema.from_dict({"features": [{"name": "a", "vocab": "b"}], "tasks": [{"name": "y"}]})
+    loaded = Schema.from_dict(
+        {
+            "features": [{"name": "i"}, {"name": "h", "type": "sequence", "vocab_of": "i"}],
+            "tasks": [{"name": "y"}],
+        }
+    )
+    assert loaded.features[1].vocab_of == "i"
+    assert Schema.from_dict(loaded.to_dict()) == loaded

@@ -59,6 +59,7 @@ class Encoder:
         if len(frame) == 0:
             raise DataError(f"{where}: no rows to fit the encoder on")
         state: dict[str, dict[str, Any]] = {}
+        counts: dict[str, pd.Series] = {}
         for feat in self.schema.features:
             column = frame[feat.source]
             if feat.type == "numeric":
@@ -69,18 +70,14 @@ class Encoder:
                 state[feat.name] = {"mean": mean, "std": std if std > 1e-12 else 1.0}
                 if feat.buckets:
                     state[feat.name]["edges"] = bucket_edges(finite, feat.buckets)
-            elif feat.hash_buckets:
-                state[feat.name] = {"hash_buckets": int(feat.hash_buckets)}
-            else:
+            elif needs_counts(self.schema, feat):
                 tokens = (
                     _tokens(column, feat, where=where)
                     if feat.type == "sequence"
                     else _as_text(column)
                 )
-                counts = tokens.value_counts(sort=False)
-                kept = counts[counts >= feat.min_freq].index
-                vocab = sorted(map(str, kept))
-                state[feat.name] = {"vocab": vocab}
+                counts[feat.name] = tokens.value_counts(sort=False)
+        state.update(vocabulary_state(self.schema, counts))
         self.state = state
         self._index_cache: dict[str, Any] = {}  # feature -> its vocabulary as a pyarrow array
         return self
@@ -96,14 +93,19 @@ class Encoder:
         return st["hash_buckets"] if "hash_buckets" in st else len(st["vocab"]) + 1
 
     def layout(self) -> InputLayout:
-        """Field offsets and sizes of the fused embedding table (what ``build_model`` needs)."""
+        """Field offsets and sizes of the fused embedding table (what ``build_model`` needs). A
+        feature with ``vocab_of`` has no block of its own: it reads its owner's rows."""
         self._check_fitted()
         embedded = self.schema.embedded_fields()
-        offsets, sizes, next_row = [], [], 1
+        block: dict[str, tuple[int, int]] = {}
+        next_row = 1
         for feat in embedded:
-            offsets.append(next_row)
-            sizes.append(self._size(feat))
-            next_row += sizes[-1]
+            if feat.vocab_of is None:
+                block[feat.name] = (next_row, self._size(feat))
+                next_row += block[feat.name][1]
+        placed = [block[feat.vocab_of or feat.name] for feat in embedded]
+        offsets = [offset for offset, _ in placed]
+        sizes = [size for _, size in placed]
         return InputLayout(
             vocab_size=next_row,
             num_categorical=len(embedded) - len(self.schema.features_of("sequence")),
@@ -173,14 +175,16 @@ class Encoder:
         )
 
     def _lookup(self, feat: Feature, values: pd.Series) -> np.ndarray:
-        """Local ids: 0 = out of vocabulary, 1..V vocabulary (or hash bucket ids)."""
-        st = self.state[feat.name]
+        """Local ids: 0 = out of vocabulary, 1..V vocabulary (or hash bucket ids); a feature with
+        ``vocab_of`` looks its values up in its owner's vocabulary."""
+        name = feat.vocab_of or feat.name
+        st = self.state[name]
         if "hash_buckets" in st:
             hashed = pd.util.hash_array(values.to_numpy(dtype=object), categorize=True)
             return (hashed % np.uint64(st["hash_buckets"])).astype(np.int64)
-        vocab = self._index_cache.get(feat.name)
+        vocab = self._index_cache.get(name)
         if vocab is None:
-            vocab = self._index_cache[feat.name] = _arrow_strings(st["vocab"])
+            vocab = self._index_cache[name] = _arrow_strings(st["vocab"])
         return _vocab_ids(values, vocab)
 
     def _encode_sequence(
@@ -259,6 +263,45 @@ class Encoder:
     def _check_fitted(self) -> None:
         if not self.state:
             raise RuntimeError("Encoder.fit() must run before encoding")
+
+
+def needs_counts(schema: Schema, feat: Feature) -> bool:
+    """Whether fitting must count ``feat``'s values: it feeds a vocabulary (its own, or its
+    owner's under ``vocab_of``) rather than being numeric or hashed."""
+    if feat.type == "numeric":
+        return False
+    owner = next(f for f in schema.features if f.name == (feat.vocab_of or feat.name))
+    return not owner.hash_buckets
+
+
+def vocabulary_state(schema: Schema, counts: dict[str, pd.Series]) -> dict[str, dict[str, Any]]:
+    """The fitted state of every categorical and sequence feature from its value counts (as
+    ``needs_counts`` asked for): a hash size, a vocabulary of the values seen ``min_freq`` times
+    (counted over the feature and every feature that shares it through ``vocab_of``), or, for a
+    sharing feature, the name of the feature whose vocabulary it uses."""
+    state: dict[str, dict[str, Any]] = {}
+    for feat in schema.features:
+        if feat.type == "numeric":
+            continue
+        if feat.vocab_of is not None:
+            state[feat.name] = {"vocab_of": feat.vocab_of}
+        elif feat.hash_buckets:
+            state[feat.name] = {"hash_buckets": int(feat.hash_buckets)}
+        else:
+            users = [f.name for f in schema.features if feat.name in (f.name, f.vocab_of)]
+            total = merge_counts([counts[name] for name in users])
+            kept = total[total >= feat.min_freq].index
+            state[feat.name] = {"vocab": sorted(map(str, kept))}
+    return state
+
+
+def merge_counts(parts: list[pd.Series]) -> pd.Series:
+    """Value counts of several pieces (chunks of a file, or features sharing a vocabulary) as one."""
+    if not parts:
+        return pd.Series(dtype="int64")
+    if len(parts) == 1:
+        return parts[0]
+    return pd.concat(parts).groupby(level=0, sort=False).sum()
 
 
 def _arrow_strings(values: Any) -> Any:

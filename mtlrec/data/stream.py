@@ -44,6 +44,9 @@ from mtlrec.data.encoder import (
     _numeric,
     _tokens,
     bucket_edges,
+    merge_counts,
+    needs_counts,
+    vocabulary_state,
 )
 from mtlrec.data.readers import is_parquet, parquet_columns, read_frame
 from mtlrec.data.table import TensorTable
@@ -447,7 +450,7 @@ def fit_encoder_stream(
             moments[feat.name] = _Moments()
             if feat.buckets:
                 samples[feat.name] = _Reservoir(reservoir, rng)
-        elif not feat.hash_buckets:
+        elif needs_counts(schema, feat):
             counts[feat.name] = []
     rows = 0
     for piece in files.pieces:
@@ -470,7 +473,7 @@ def fit_encoder_stream(
                     parts = counts[feat.name]
                     parts.append(tokens.value_counts(sort=False))
                     if len(parts) >= 16:  # keep the pending partial counts few
-                        counts[feat.name] = [_merge_counts(parts)]
+                        counts[feat.name] = [merge_counts(parts)]
     if rows == 0:
         raise DataError(f"{path}: no rows to fit the encoder on")
     state: dict[str, dict[str, Any]] = {}
@@ -484,20 +487,9 @@ def fit_encoder_stream(
             }
             if feat.buckets:
                 state[feat.name]["edges"] = bucket_edges(samples[feat.name].values, feat.buckets)
-        elif feat.hash_buckets:
-            state[feat.name] = {"hash_buckets": int(feat.hash_buckets)}
-        else:
-            total = _merge_counts(counts[feat.name])
-            kept = total[total >= feat.min_freq].index
-            state[feat.name] = {"vocab": sorted(map(str, kept))}
+    state.update(
+        vocabulary_state(schema, {name: merge_counts(parts) for name, parts in counts.items()})
+    )
     return Encoder.from_dict(
         {"version": ENCODER_VERSION, "schema": schema.to_dict(), "state": state}
     )
-
-
-def _merge_counts(parts: list[pd.Series]) -> pd.Series:
-    if not parts:
-        return pd.Series(dtype="int64")
-    if len(parts) == 1:
-        return parts[0]
-    return pd.concat(parts).groupby(level=0, sort=False).sum()
