@@ -16,6 +16,7 @@ DATASETS = {
     "ali-ccp": {"sample": True},
     "aliexpress": {"sample": True},
     "synthetic-mmoe": {"n": 1500, "d": 20},
+    "movielens-100k": {"max_rows": 1500},
 }
 
 

@@ -63,5 +63,6 @@ def _load_all() -> None:
         coat,
         files,
         funnel,
+        movielens,
         synthetic,
     )
