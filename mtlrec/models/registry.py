@@ -70,6 +70,7 @@ def _load_all() -> None:
         independent,
         kernel_experts,
         meta_experts,
+        multifaceted,
         prototype,
         soft,
         sparse,
