@@ -72,6 +72,7 @@ def _load_all() -> None:
         meta_experts,
         multifaceted,
         prototype,
+        sequential_experts,
         soft,
         sparse,
         sparse_experts,
