@@ -230,17 +230,30 @@ def test_aligned_mtl_by_hand():
 
 
 def test_nash_solution_satisfies_the_bargaining_equation():
+    # Paper (Alg. 1): G^T G alpha = 1 / alpha on the RAW Gram matrix. G = diag(2, 1): Gram
+    # diag(4, 1), alpha_t = 1 / |g_t| = (0.5, 1), update (1, 1) of norm sqrt(T) = sqrt(2).
     g = torch.tensor([[2.0, 0.0], [0.0, 1.0]])
     alpha = agg.nash_coefficients(_gram(g))
-    # Normalised Gram diag(4, 1) / sqrt(17): alpha_t = 1 / sqrt(M_tt).
-    expected = torch.tensor([17**0.25 / 2, 17**0.25], dtype=torch.float64)
-    assert torch.allclose(alpha, expected, rtol=1e-4)
+    assert torch.allclose(alpha, torch.tensor([0.5, 1.0], dtype=torch.float64), rtol=1e-4)
+    assert torch.allclose(_combine(alpha, g), torch.ones(2, dtype=torch.float64), rtol=1e-4)
+    # At 0.01 x the gradients alpha is 100 x larger and the update the same (the authors' code
+    # gives the same; the previous normalised-Gram solution shrank the update with the scale).
+    small = 0.01 * g
+    alpha = agg.nash_coefficients(_gram(small))
+    assert torch.allclose(alpha, torch.tensor([50.0, 100.0], dtype=torch.float64), rtol=1e-4)
+    assert torch.allclose(_combine(alpha, small), torch.ones(2, dtype=torch.float64), rtol=1e-4)
     g = torch.tensor([[1.0, 0.5, 0.0], [-0.3, 1.0, 0.2], [0.4, 0.1, -2.0]])
-    m = _gram(g)
-    m = m / m.norm()
-    alpha = agg.nash_coefficients(_gram(g))
+    m = _gram(g)  # raw
+    alpha = agg.nash_coefficients(m)
     assert (alpha > 0).all()
     assert torch.allclose(alpha * (m @ alpha), torch.ones(3, dtype=torch.float64), atol=1e-4)
+    # The authors' solver (cvxpy + ECOS, transcribed in the audit) on this matrix.
+    authors = torch.tensor([0.74275, 0.96801, 0.49845], dtype=torch.float64)
+    assert torch.allclose(alpha, authors, atol=1e-4)
+    assert float(_combine(alpha, g).norm()) == pytest.approx(3**0.5, rel=1e-4)
+    # A warm start from a previous (raw-scale) solution lands on the same point.
+    again = agg.nash_coefficients(1e-4 * m, start=alpha)
+    assert torch.allclose(again, alpha * 100, rtol=1e-6)
 
 
 def test_gradvac_raises_the_cosine_to_its_target():
@@ -293,6 +306,25 @@ def test_mgda_scales_task_parameters_by_alpha(small):
     for t, (group, expected) in enumerate(zip(model.task_parameters(), own)):
         for p, e in zip(group, expected):
             assert torch.allclose(p.grad, alpha[t] * e, atol=1e-7)
+
+
+@pytest.mark.parametrize("name", ["mgda", "imtl", "famo", "nashmtl"])
+def test_a_batch_without_clicks_leaves_the_purchase_task_absent(name, small):
+    """No clicked row: the purchase loss is exactly 0 with a zero gradient, so the step is the
+    click task's alone (before, MGDA and IMTL-G returned a zero update and FAMO divided it by
+    ~1e8). Nash-MTL with one present task steps by g / |g| (unit norm, not clipped further)."""
+    enc, table = small
+    model = _model(enc)
+    batch = table.take((table.labels[:, 0] == 0).nonzero().flatten()[:64])
+    shared = trainable(model.shared_parameters())
+    click = _flat(_task_grad(model, batch, 0, shared))
+    assert float(model.task_losses(model(batch), batch)[1].detach()) == 0.0
+    _step(model, build_balancer(name, model), batch)
+    got = _flat([torch.zeros_like(p) if p.grad is None else p.grad for p in shared])
+    expected = click / click.norm() if name == "nashmtl" else click
+    assert torch.allclose(got, expected, rtol=1e-4, atol=1e-7)
+    for p in model.task_parameters()[1]:
+        assert p.grad is None or not p.grad.any()
 
 
 def test_gradnorm_weights_move_and_keep_summing_to_the_task_count(small):

@@ -252,6 +252,17 @@ def test_compile_with_a_per_task_balancer_fails_before_reading_data(own_files):
     assert not (own_files / "run").exists()
 
 
+def test_adatask_with_another_optimizer_fails_before_reading_data(own_files):
+    """AdaTask is an optimizer; train.optimizer=sgd with it was silently replaced by its Adam."""
+    line = _error_line(
+        _train_own(
+            own_files, own_files / "run", "--balance", "adatask", "--set", "train.optimizer=sgd"
+        )
+    )
+    assert "train.optimizer: 'sgd' cannot be used with balancer 'adatask'" in line
+    assert not (own_files / "run").exists()
+
+
 def test_help_paragraphs_are_not_broken_at_source_line_ends():
     """Typer prints a docstring's newlines; each paragraph must reach it as one line."""
     from mtlrec.cli import app as the_app

@@ -11,6 +11,7 @@ check by hand (see tests/test_balance.py).
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -23,6 +24,20 @@ def _normalised(gram: torch.Tensor) -> torch.Tensor:
     scale of the gradients, and this keeps the tolerances below meaningful for tiny gradients."""
     top = float(gram.diagonal().max()) if gram.numel() else 0.0
     return gram / top if top > 0 else gram
+
+
+def on_present(
+    rule: Callable[[torch.Tensor], torch.Tensor], gram: torch.Tensor, present: torch.Tensor | None
+) -> torch.Tensor:
+    """``rule``'s coefficients computed on the present tasks' Gram matrix only, as if the step
+    had only them; an absent task (``present`` False, :mod:`mtlrec.balance.base`) gets 0."""
+    if present is None or bool(present.all()):
+        return rule(gram)
+    idx = present.nonzero().flatten()
+    coef = torch.zeros(gram.shape[0], dtype=torch.float64)
+    if len(idx):
+        coef[idx] = rule(gram[idx][:, idx]).to(coef)
+    return coef
 
 
 def pcgrad_coefficients(gram: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
@@ -85,10 +100,11 @@ def min_norm_coefficients(gram: torch.Tensor, iters: int = 250, tol: float = 1e-
 def cagrad_coefficients(gram: torch.Tensor, c: float) -> torch.Tensor:
     """CAGrad (Liu et al., NeurIPS 2021, Alg. 1): w* = argmin_{w in simplex} g_w . g_0 +
     sqrt(phi) |g_w| with g_0 the mean gradient and phi = c^2 |g_0|^2; the update is
-    g_0 + sqrt(phi) / |g_w*| g_w* (before the authors' rescaling, which the caller applies)."""
+    g_0 + sqrt(phi) / |g_w*| g_w* (before the authors' rescaling, which the caller applies).
+    With one task the simplex is w = 1, so the update is (1 + c) g, as the authors' code gives."""
     n = gram.shape[0]
     mean = torch.full((n,), 1.0 / n, dtype=torch.float64)
-    if c == 0.0 or n == 1:
+    if c == 0.0:
         return mean
     scale = float(gram.diagonal().mean())
     if scale <= EPS:
@@ -96,7 +112,7 @@ def cagrad_coefficients(gram: torch.Tensor, c: float) -> torch.Tensor:
     a = (gram / scale).cpu().numpy()  # the argmin does not change when the Gram is rescaled
     b = mean.numpy()
     root_phi = c * math.sqrt(max(float(b @ a @ b), 0.0))
-    w = _simplex_minimize(a, b, root_phi)
+    w = np.ones(1) if n == 1 else _simplex_minimize(a, b, root_phi)
     gw_norm = math.sqrt(max(float(w @ a @ w), 0.0))
     return torch.from_numpy(b + root_phi / (gw_norm + 1e-8) * w)
 
@@ -172,26 +188,30 @@ def imtl_coefficients(gram: torch.Tensor) -> torch.Tensor:
 def nash_coefficients(
     gram: torch.Tensor, start: torch.Tensor | None = None, iters: int = 50, ridge: float = 1e-6
 ) -> torch.Tensor:
-    """Nash-MTL's bargaining solution (Navon et al., ICML 2022, Sec. 3): alpha > 0 with
-    G^T G alpha = 1 / alpha, G^T G normalised by its Frobenius norm as in the authors' code.
+    """Nash-MTL's bargaining solution (Navon et al., ICML 2022, Alg. 1): alpha > 0 with
+    G^T G alpha = 1 / alpha on the RAW Gram matrix, so that |G alpha| = sqrt(T) at any gradient
+    scale (alpha_t (G^T G alpha)_t = 1 for every t). The authors' code reaches the same point: its
+    solver sees G^T G divided by its Frobenius norm n, and its constraint multiplies n back.
 
-    That fixed point is the minimiser of the strictly convex f(alpha) = alpha^T M alpha / 2 -
-    sum log alpha (its gradient is M alpha - 1/alpha), solved here by damped Newton steps instead
-    of the paper's sequence of cvxpy problems. A task without shared gradient gets alpha = 1 (it
-    has no utility to bargain with); ``ridge`` (times I) keeps M invertible when gradients are
-    linearly dependent."""
-    gram = _normalised(gram)
+    The fixed point is found for the normalised M = G^T G / n (for conditioning), as the
+    minimiser of the strictly convex f(a) = a^T M a / 2 - sum log a (its gradient is M a - 1/a),
+    by damped Newton steps instead of the paper's sequence of cvxpy problems; then
+    alpha = a / sqrt(n) solves the raw equation (G^T G a / sqrt(n) = sqrt(n) / a). A task without
+    shared gradient gets alpha = 1 (it has no utility to bargain with); ``ridge`` (times I, on M)
+    keeps M invertible when gradients are linearly dependent. ``start`` (a previous alpha, raw
+    scale) warm-starts the solver."""
     n = gram.shape[0]
     alpha = torch.ones(n, dtype=torch.float64)
-    active = gram.diagonal() > 1e-10
+    active = _normalised(gram).diagonal() > 1e-10
     if not bool(active.any()):
         return alpha
     idx = active.nonzero().flatten()
-    m = gram[idx][:, idx]
-    m = m / m.norm() + ridge * torch.eye(len(idx), dtype=m.dtype)
+    raw = gram.double().cpu()[idx][:, idx]
+    frob = float(raw.norm())
+    m = raw / frob + ridge * torch.eye(len(idx), dtype=raw.dtype)
     x = 1.0 / m.diagonal().sqrt()
     if start is not None and start.shape == (n,) and bool((start[idx] > 0).all()):
-        x = start[idx].clone()
+        x = start[idx].double() * math.sqrt(frob)
 
     def f(v: torch.Tensor) -> float:
         return float(0.5 * v @ m @ v - v.log().sum())
@@ -209,7 +229,7 @@ def nash_coefficients(
                 break
             t *= 0.5
         x = x + t * step
-    alpha[idx] = x
+    alpha[idx] = x / math.sqrt(frob)
     return alpha
 
 

@@ -4,6 +4,29 @@ A balancer receives the per-task losses of one step (a [T] tensor, still attache
 and the model, and leaves the combined gradient in each parameter's ``.grad``; the trainer then
 steps the optimizer. Loss weighting and gradient surgery are the same kind of object, so every
 model works with every balancer.
+
+Absent tasks. A task whose loss is exactly 0.0 in a step, with an all-zero gradient, is ABSENT for
+that step. That is what a masked loss gives for a task with no observed row in the batch
+(``MTLModel.task_losses`` divides a zero sum by ``clamp_min(1)``): a dependent task such as CVR in
+a small batch without clicks. Every balancer follows one rule for it:
+
+* it gets no update of its own: nothing of it enters ``.grad`` (its weight, or its share of the
+  update, is 0 that step; its own layers keep the zero gradient its loss gives them, on which the
+  trainer's Adam still coasts on momentum, as for any zero gradient);
+* it does not enter the aggregation: the method combines the present tasks as if the batch had
+  only them (MGDA's min-norm point, IMTL-G, CAGrad, Nash-MTL, Aligned-MTL over the present
+  gradients; FAMO's normaliser c and RLW's softmax over the present tasks);
+* it does not enter the method's state: moving averages (DB-MTL, MetaBalance), learned weights
+  and their Adam moments (UW, GradNorm, FAMO), GradNorm's initial losses (taken on the first step
+  where the task is present), DWA's loss windows (averaged over the steps where the task is
+  present; a window without any keeps the previous weights) and AdaTask's per-task moments stay
+  as they were.
+
+Balancers that take per-task gradients check both conditions (:meth:`mtlrec.balance.grads.TaskGrads.presence`); the
+ones that only see loss values check the loss alone (:func:`present_tasks`): the library's losses
+are >= 0 and a loss of exactly 0 is at its minimum, where its gradient is 0. When every task is
+absent the shared parameters get a zero gradient and no state changes (beyond step counters). A present task is never
+treated as absent, so with every task present the rule changes nothing.
 """
 
 from __future__ import annotations
@@ -36,6 +59,9 @@ class Balancer:
     # True when backward() differentiates each task's loss separately through the model's graph
     # (retain_graph); torch.compile's backward does not support that (see train.compile).
     per_task_backward: ClassVar[bool] = False
+    # The optimizer the balancer brings through make_optimizer (AdaTask: "adam"), which replaces
+    # train.optimizer; None where the trainer's own optimizer is used.
+    own_optimizer: ClassVar[str | None] = None
 
     def __init__(self, model: MTLModel, config: BalancerConfig) -> None:
         self.model = model
@@ -61,10 +87,16 @@ class Balancer:
         pass
 
     def make_optimizer(
-        self, params: list[torch.nn.Parameter], lr: float, weight_decay: float
+        self,
+        params: list[torch.nn.Parameter],
+        lr: float,
+        weight_decay: float,
+        optimizer: str | None = None,
     ) -> torch.optim.Optimizer | None:
         """The optimizer for ``params``, for a method that changes the update rule itself
-        (AdaTask); ``None`` (the default) lets the trainer build its usual Adam."""
+        (AdaTask); ``None`` (the default) lets the trainer build its usual optimizer.
+        ``optimizer`` is ``train.optimizer`` where the caller passes it (see
+        :func:`check_optimizer`)."""
         return None
 
 
@@ -106,6 +138,25 @@ def check_compile(compile: bool, balancer: str | Balancer, diagnose: bool) -> No
             "which a compiled graph does not support; use a loss-weighting balancer (ew, "
             "fixed, uw, dwa, rlw, famo) or set train.compile=false"
         )
+
+
+def check_optimizer(optimizer: str, balancer: str | Balancer) -> None:
+    """train.optimizer with a balancer that brings its own optimizer (AdaTask's per-task Adam):
+    anything but that optimizer is refused instead of being replaced silently."""
+    cls = balancer_class(balancer) if isinstance(balancer, str) else type(balancer)
+    own = cls.own_optimizer
+    if own is not None and optimizer != own:
+        raise ConfigError(
+            f"train.optimizer: {optimizer!r} cannot be used with balancer {cls.name!r}, which "
+            f"trains with its own {own} (the method is an optimizer); set "
+            f"train.optimizer={own} or choose another balancer"
+        )
+
+
+def present_tasks(losses: torch.Tensor) -> torch.Tensor:
+    """[T] bool on the losses' device: False for a task ABSENT this step (loss exactly 0.0; see
+    the module docstring), for the balancers that only see loss values. No host sync."""
+    return losses.detach() != 0
 
 
 def build_balancer(name: str, model: MTLModel, options: dict[str, Any] | None = None) -> Balancer:

@@ -1,9 +1,10 @@
 """Per-task gradients on the shared parameters, and writing a combined gradient back.
 
 Every gradient method starts the same way: one ``torch.autograd.grad`` call per task over the
-shared parameters plus that task's own parameters (so a task's own layers get exactly its own
-gradient, and nothing accumulates into ``.grad`` on the way). The shared part is flattened into
-a [T, D] matrix; the methods combine it, and :meth:`TaskGrads.write_shared` puts the result back.
+shared parameters plus that task's own parameters (nothing accumulates into ``.grad`` on the
+way). The shared part is flattened into a [T, D] matrix; the methods combine it, and
+:meth:`TaskGrads.write_shared` puts the result back; each task's own layers get its own gradient,
+times the method's factor for that task where it has one (:meth:`TaskGrads.write_own`).
 
 Gradients are dense: the flat matrix needs them so (embedding tables use ``sparse=False`` in this
 codebase, so nothing is densified that was not dense already).
@@ -66,6 +67,9 @@ class TaskGrads:
     ``own``: per task, the gradients of that task's own parameters (None where unused).
     ``share``: the factor applied when writing into ``.grad`` (1 / world under data parallelism,
     where the matrix already holds the global gradients and the trainer sums ``.grad`` again).
+    ``present``: [T] bool on the CPU, False for a task absent this step (loss exactly 0 and an
+    all-zero gradient; :mod:`mtlrec.balance.base`); set by :meth:`GradientBalancer.backward`
+    before ``combine``.
     """
 
     shared: list[nn.Parameter]
@@ -74,6 +78,19 @@ class TaskGrads:
     own_params: list[list[nn.Parameter]]
     own: list[list[torch.Tensor | None]]
     share: float = 1.0
+    present: torch.Tensor | None = None
+
+    def presence(self, losses: torch.Tensor) -> torch.Tensor:
+        """[T] bool (CPU): False where task t is ABSENT this step: its loss is exactly 0.0 and its
+        gradient is zero on the shared parameters and on its own parameters. With data
+        parallelism the losses and gradients are the global ones, so every rank agrees."""
+        zero_loss = (losses.detach() == 0).cpu()
+        zero_shared = ~(self.matrix != 0).any(1).cpu()
+        present = ~(zero_loss & zero_shared)
+        for t in (~present).nonzero().flatten().tolist():  # only the candidates: few syncs
+            if any(g is not None and bool(g.any()) for g in self.own[t]):
+                present[t] = True
+        return present
 
     @property
     def sizes(self) -> list[int]:
@@ -178,7 +195,9 @@ class GradientBalancer(Balancer):
 
     A subclass implements :meth:`combine`: from the per-task gradients it returns the update for
     the shared parameters ([D]) and the factor of each task's own-parameter gradient ([T], or
-    None for the task's plain gradient). Without shared parameters that any task reaches
+    None for the task's plain gradient). ``grads.present`` marks the tasks present this step
+    (at least one is; an absent task's gradient is zero, and the method leaves it out of its
+    combination and its state). Without shared parameters that any task reaches
     (``single-task``) there is nothing to combine and every task's own parameters get its plain
     gradient.
     """
@@ -196,9 +215,13 @@ class GradientBalancer(Balancer):
 
     def backward(self, losses: torch.Tensor, aux_loss: torch.Tensor | None = None) -> torch.Tensor:
         grads = task_gradients(self.model, self.transform(losses))
+        grads.present = grads.presence(losses)
         scale = None
         if bool(grads.used.any()):  # some task reaches a shared parameter
-            shared, scale = self.combine(grads, losses.detach())
+            if bool(grads.present.any()):
+                shared, scale = self.combine(grads, losses.detach())
+            else:  # every task absent: nothing to combine, no state to update
+                shared = torch.zeros_like(grads.matrix[0])
             grads.write_shared(shared)
         grads.write_own(scale)
         aux = backward_aux(aux_loss)

@@ -10,7 +10,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from mtlrec.balance.base import Balancer, BalancerConfig, config_error, register_balancer
+from mtlrec.balance.base import (
+    Balancer,
+    BalancerConfig,
+    check_optimizer,
+    config_error,
+    register_balancer,
+)
 from mtlrec.balance.grads import (
     GradientBalancer,
     TaskGrads,
@@ -50,9 +56,12 @@ class MetaBalance(GradientBalancer):
     own average (exactly the target's current norm on the first step).
     Task-specific layers get the plain sum (their own task's gradient).
     Details not in the paper: a moving average is updated only on steps where the task reaches
-    the tensor (the authors' code skips a None gradient), and where the target never reaches a
-    tensor (e.g. an auxiliary task's own gate in MMoE) there is nothing to match and the
-    auxiliary gradient is left unscaled.
+    the tensor (the authors' code skips a None gradient) and is present (a task absent from the
+    step, loss exactly 0 with a zero gradient, e.g. CVR in a batch without clicks, reaches every
+    tensor with zeros: its averages would decay and then enlarge its gradient ~0.9^-k after k
+    such steps), and where the target never reaches a tensor (e.g. an auxiliary task's own gate
+    in MMoE) there is nothing to match and the auxiliary gradient is left unscaled. While the
+    target is absent, the auxiliary gradients are scaled to its moving average as it stands.
     """
 
     Config = MetaBalanceConfig
@@ -68,6 +77,8 @@ class MetaBalance(GradientBalancer):
             self.norms = torch.zeros_like(current)
         beta = self.config.beta
         used = grads.used.to(current.device)
+        if grads.present is not None:
+            used = used & grads.present.to(current.device)[:, None]
         self.norms = torch.where(used, beta * self.norms + (1 - beta) * current, self.norms)
         target = self.norms[:1]
         ratio = torch.where(target > 0, target / (self.norms + 1e-5), torch.ones_like(self.norms))
@@ -91,11 +102,15 @@ class AdaTaskAdam(torch.optim.Optimizer):
 
     Param groups flagged ``per_task`` hold shared parameters: their step is
     sum_t lr m_hat_t / (sqrt(v_hat_t) + eps) over per-task moments of the per-task gradients
-    handed over by :meth:`set_task_grads` ([T, *shape] per parameter). Other groups are plain
-    Adam on ``.grad`` (L2 weight decay added to the gradient, as ``torch.optim.Adam``). For a
-    shared parameter the decay term weight_decay * p is split evenly over the T task streams.
-    A shared parameter with a ``.grad`` but no task gradients (not handed over) splits ``.grad``
-    evenly too.
+    handed over by :meth:`set_task_grads` ([T, *shape] per parameter), over the tasks present in
+    the step (an absent task's moments stay as they were and it adds no step). Weight decay on
+    these parameters is applied once per parameter and step, decoupled: p <- p (1 - lr wd). (An
+    L2 term in every task's stream would be normalised by each stream separately: in a stream
+    whose task gradient is zero, e.g. a task that never reaches the tensor, Adam turns even a
+    tiny decay into a full step ~lr sign(p), once per stream.) The authors' optimizer has no
+    weight decay. Other groups are plain Adam on ``.grad`` (L2 weight decay added to the
+    gradient, as ``torch.optim.Adam``). A shared parameter with a ``.grad`` but no task gradients
+    (not handed over) splits ``.grad`` evenly over the T streams.
     """
 
     def __init__(
@@ -111,9 +126,18 @@ class AdaTaskAdam(torch.optim.Optimizer):
         super().__init__(groups, defaults)
         self.num_tasks = num_tasks
         self._task_grads: dict[torch.Tensor, torch.Tensor] = {}
+        self._present: torch.Tensor | None = None
 
-    def set_task_grads(self, params: list[nn.Parameter], grads: list[torch.Tensor]) -> None:
+    def set_task_grads(
+        self,
+        params: list[nn.Parameter],
+        grads: list[torch.Tensor],
+        present: torch.Tensor | None = None,
+    ) -> None:
+        """The next step's per-task gradients ([T, *shape] per parameter) and which tasks are
+        present ([T] bool; None: all)."""
         self._task_grads = dict(zip(params, grads))
+        self._present = None if present is None or bool(present.all()) else present.cpu()
 
     @torch.no_grad()
     def step(self, closure=None):  # type: ignore[override]
@@ -126,15 +150,18 @@ class AdaTaskAdam(torch.optim.Optimizer):
             per_task = group.get("per_task", False)
             for p in group["params"]:
                 grad = self._task_grads.get(p) if per_task else None
+                present = self._present if grad is not None else None
                 if grad is None:
                     if p.grad is None:
                         continue
                     grad = p.grad.unsqueeze(0)
                     if per_task:
                         grad = grad.expand(self.num_tasks, *p.shape) / self.num_tasks
-                streams = grad.shape[0]
                 if group["weight_decay"]:
-                    grad = grad + (group["weight_decay"] / streams) * p
+                    if per_task:  # once per parameter, outside the task streams
+                        p.mul_(1 - group["lr"] * group["weight_decay"])
+                    else:
+                        grad = grad + group["weight_decay"] * p
                 state = self.state[p]
                 if not state:
                     state["step"] = 0
@@ -142,13 +169,22 @@ class AdaTaskAdam(torch.optim.Optimizer):
                     state["exp_avg_sq"] = torch.zeros_like(grad)
                 state["step"] += 1
                 m, v = state["exp_avg"], state["exp_avg_sq"]
-                m.mul_(beta1).add_(grad, alpha=1 - beta1)
-                v.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
                 correction1 = 1 - beta1 ** state["step"]
                 correction2 = 1 - beta2 ** state["step"]
-                denom = (v.sqrt() / math.sqrt(correction2)).add_(group["eps"])
-                p.sub_((m / denom).sum(0), alpha=group["lr"] / correction1)
+                if present is None:
+                    m.mul_(beta1).add_(grad, alpha=1 - beta1)
+                    v.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+                    denom = (v.sqrt() / math.sqrt(correction2)).add_(group["eps"])
+                    p.sub_((m / denom).sum(0), alpha=group["lr"] / correction1)
+                else:  # absent tasks: their moments stay, their streams add nothing
+                    keep = present.to(p.device).view(-1, *([1] * p.dim()))
+                    m.copy_(torch.where(keep, m * beta1 + (1 - beta1) * grad, m))
+                    v.copy_(torch.where(keep, v * beta2 + (1 - beta2) * grad * grad, v))
+                    denom = (v.sqrt() / math.sqrt(correction2)).add_(group["eps"])
+                    steps = torch.where(keep, m / denom, torch.zeros_like(m))
+                    p.sub_(steps.sum(0), alpha=group["lr"] / correction1)
         self._task_grads = {}
+        self._present = None
         return loss
 
 
@@ -176,15 +212,20 @@ class AdaTask(Balancer):
     sum_t lr m_hat_t / (sqrt(v_hat_t) + eps); task-specific parameters use plain Adam on their
     own gradient. Adam's defaults (betas 0.9, 0.999, eps 1e-8) as in the paper.
     Design: the method changes the optimizer itself, so the balancer supplies it through
-    :meth:`make_optimizer` (:class:`AdaTaskAdam`, built by the trainer in place of Adam, with
-    ``train.lr`` and ``train.weight_decay``); ``backward`` leaves the plain sum of task
-    gradients in ``.grad`` (the combined gradient) and hands the per-task gradients to that
-    optimizer. Used with another optimizer it degrades to equal weighting (with a warning).
-    A model's auxiliary loss (weight 1) is split evenly over the task streams of the shared
-    parameters, like the weight decay term.
+    :meth:`make_optimizer` (:class:`AdaTaskAdam`, built by the trainer in place of its
+    optimizer, with ``train.lr`` and ``train.weight_decay``); ``train.optimizer`` other than adam
+    is an error where the caller passes it (:func:`~mtlrec.balance.base.check_optimizer`), a
+    logged warning where it does not. ``backward`` leaves the plain sum of task gradients in
+    ``.grad`` (the combined gradient) and hands the per-task gradients to that optimizer. Used
+    with another optimizer it degrades to equal weighting (with a warning). A model's auxiliary
+    loss (weight 1) is split evenly over the task streams of the present tasks. Weight decay on
+    the shared parameters is applied once per parameter, decoupled (see :class:`AdaTaskAdam`;
+    the authors' optimizer has none). A task absent from a step keeps its moments and adds no
+    step of its own.
     """
 
     per_task_backward = True
+    own_optimizer = "adam"
 
     Config = AdaTaskConfig
 
@@ -194,8 +235,19 @@ class AdaTask(Balancer):
         self._warned = False
 
     def make_optimizer(
-        self, params: list[nn.Parameter], lr: float, weight_decay: float
+        self,
+        params: list[nn.Parameter],
+        lr: float,
+        weight_decay: float,
+        optimizer: str | None = None,
     ) -> torch.optim.Optimizer:
+        if optimizer is None:
+            log.warning(
+                "adatask: trains with its own per-task Adam (AdaTaskAdam); train.optimizer is "
+                "not used"
+            )
+        else:
+            check_optimizer(optimizer, self)
         shared_ids = {id(p) for p in self.model.shared_parameters()}
         shared = [p for p in params if id(p) in shared_ids]
         rest = [p for p in params if id(p) not in shared_ids]
@@ -216,9 +268,13 @@ class AdaTask(Balancer):
         grads = task_gradients(self.model, losses)
         grads.write_shared(grads.matrix.sum(0))
         grads.write_own()
+        present = grads.presence(losses)
+        has_aux = aux_loss is not None and aux_loss.requires_grad
+        if has_aux and not bool(present.any()):  # every task absent: aux in every stream
+            present = torch.ones_like(present)
         per_task = grads.matrix
         total = losses.detach().sum()
-        if aux_loss is not None and aux_loss.requires_grad:
+        if has_aux:
             params = trainable(self.model.parameters())
             aux = torch.autograd.grad(aux_loss, params, allow_unused=True)
             for p, g in zip(params, aux):
@@ -227,7 +283,12 @@ class AdaTask(Balancer):
             if grads.num_shared:
                 by_id = {id(p): g for p, g in zip(params, aux)}
                 flat = flatten([by_id[id(p)] for p in grads.shared], grads.shared)
-                per_task = per_task + flat.to(per_task) / self.num_tasks
+                flat = flat.to(per_task)
+                if bool(present.all()):
+                    per_task = per_task + flat / self.num_tasks
+                else:  # only the present tasks' streams
+                    mask = present.to(per_task)[:, None]
+                    per_task = per_task + mask * flat / int(present.sum())
         if aux_loss is not None:
             total = total + aux_loss.detach()
         if self._optimizer is None:
@@ -239,5 +300,5 @@ class AdaTask(Balancer):
         chunks = per_task.split(grads.sizes, dim=1)
         pairs = [(p, c.reshape(self.num_tasks, *p.shape)) for p, c in zip(grads.shared, chunks)]
         pairs = [(p, c) for p, c in pairs if p.grad is not None]
-        self._optimizer.set_task_grads([p for p, _ in pairs], [c for _, c in pairs])
+        self._optimizer.set_task_grads([p for p, _ in pairs], [c for _, c in pairs], present)
         return total

@@ -7,6 +7,11 @@ parameters get their own task's gradient: plain, or scaled by the method's task 
 the authors' code backpropagates a weighted loss (MGDA, Nash-MTL). Gradients are those of all
 shared parameters, not of the shared representation (the "UB" variants), because the models do
 not expose one representation common to all architectures.
+
+A task absent from a step (:mod:`mtlrec.balance.base`) is left out: MGDA, CAGrad, IMTL-G,
+Nash-MTL and Aligned-MTL solve on the present tasks' Gram matrix only (one present task: its
+gradient under the method's own normalisation); PCGrad and GradVac skip a zero gradient already
+(no projection onto it, no target update for its pairs).
 """
 
 from __future__ import annotations
@@ -48,7 +53,8 @@ class MGDA(GradientBalancer):
     (Alg. 2, with the two-task closed form for the starting pair); the shared update is
     sum_t alpha_t g_t and each task's own parameters get alpha_t times its gradient (the authors'
     code backpropagates sum_t alpha_t L_t). ``normalization`` (none, l2, loss, loss+) divides
-    the gradients before solving, as the authors' code may; the default is none.
+    the gradients before solving, as the authors' code may; the default is none. Only the tasks
+    present in the step enter the solver (one present task: alpha = 1, its plain gradient).
     Departure: the MGDA-UB variant runs the solver on the gradients of the shared
     representation; here it runs on the gradients of all shared parameters (exact MGDA, costlier).
     """
@@ -69,7 +75,9 @@ class MGDA(GradientBalancer):
             "loss": losses.double().cpu(),
             "loss+": losses.double().cpu() * norms,
         }[mode].clamp_min(1e-12)
-        alpha = agg.min_norm_coefficients(gram / torch.outer(scale, scale))
+        alpha = agg.on_present(
+            agg.min_norm_coefficients, gram / torch.outer(scale, scale), grads.present
+        )
         self._alpha = alpha.float()
         return _combination(alpha, grads), self._alpha.to(losses)
 
@@ -135,13 +143,15 @@ class CAGrad(GradientBalancer):
     w* = argmin_{w in simplex} g_w . g_0 + sqrt(phi) |g_w| (solved with SLSQP on the T weights,
     as the authors' code), update g_0 + sqrt(phi) / |g_w*| g_w*. ``rescale`` as the authors'
     code: 1 divides by 1 + c^2 (default), 2 by 1 + c, 0 not at all. c = 0 gives the mean
-    gradient. Task parameters get their plain gradient.
+    gradient; one task (or one present task) gets (1 + c) g before the rescaling, as the
+    authors' code. Task parameters get their plain gradient.
     """
 
     Config = CAGradConfig
 
     def combine(self, grads: TaskGrads, losses: torch.Tensor):
-        coef = agg.cagrad_coefficients(grads.gram(), self.config.c)
+        c = self.config.c
+        coef = agg.on_present(lambda m: agg.cagrad_coefficients(m, c), grads.gram(), grads.present)
         divisor = {0: 1.0, 1: 1.0 + self.config.c**2, 2: 1.0 + self.config.c}[self.config.rescale]
         return _combination(coef / divisor, grads), None
 
@@ -212,10 +222,11 @@ class IMTL(_Weighted):
     shared update sum_t alpha_t g_t; task parameters get their plain gradient (Alg. 1).
     Departure: gradient balancing only (IMTL-G); the hybrid IMTL also learns loss scales
     (IMTL-L), which is not included. A pseudo-inverse replaces the inverse when D U^T is singular.
+    Only the tasks present in the step enter (one present task: alpha = 1).
     """
 
     def combine(self, grads: TaskGrads, losses: torch.Tensor):
-        alpha = agg.imtl_coefficients(grads.gram())
+        alpha = agg.on_present(agg.imtl_coefficients, grads.gram(), grads.present)
         self._alpha = alpha.float()
         return _combination(alpha, grads), None
 
@@ -237,15 +248,19 @@ class NashMTL(_Weighted):
     """Nash-MTL: the Nash bargaining solution among tasks, G^T G alpha = 1 / alpha.
 
     Navon, Shamsian, Achituve, Maron, Kawaguchi, Chechik, Fetaya, "Multi-Task Learning as a
-    Bargaining Game", ICML 2022, Sec. 3: alpha > 0 solving G^T G alpha = 1 / alpha (G^T G
-    divided by its Frobenius norm, as the authors' code), update sum_t alpha_t g_t; every
-    task's own parameters get alpha_t times its gradient (the authors backpropagate
-    sum_t alpha_t L_t); the shared update is clipped to norm ``max_norm`` (1.0, the authors'
-    default; 0 disables); alpha is recomputed every ``update_weights_every`` steps (1).
+    Bargaining Game", ICML 2022, Alg. 1: alpha > 0 solving G^T G alpha = 1 / alpha on the raw
+    Gram matrix of the task gradients (so |sum_t alpha_t g_t| = sqrt(T) at any gradient scale;
+    the authors' code normalises the Gram for its solver and multiplies the factor back in its
+    constraint, which is the same point), update sum_t alpha_t g_t; every task's own parameters
+    get alpha_t times its gradient (the authors backpropagate sum_t alpha_t L_t); the shared
+    update is clipped to norm ``max_norm`` (1.0, the authors' default; 0 disables); alpha is
+    recomputed every ``update_weights_every`` steps (1), and on any step whose set of present
+    tasks differs from the one alpha was solved for (an absent task gets alpha = 0).
     Departure: cvxpy is not available; the fixed point is found as the minimiser of the convex
-    alpha^T M alpha / 2 - sum log alpha by damped Newton steps (exact up to 1e-10, where the
-    paper's sequential convex approximation stops after 20 iterations). A task with no shared
-    gradient gets alpha = 1; a 1e-6 ridge keeps linearly dependent gradients solvable.
+    a^T M a / 2 - sum log a (M the Gram divided by its Frobenius norm n, for conditioning;
+    alpha = a / sqrt(n)) by damped Newton steps (exact up to 1e-10, where the paper's sequential
+    convex approximation stops after 20 iterations). A task with no shared gradient gets
+    alpha = 1; a 1e-6 ridge on M keeps linearly dependent gradients solvable.
     """
 
     Config = NashMTLConfig
@@ -254,10 +269,28 @@ class NashMTL(_Weighted):
         super().__init__(model, config)
         self._step = 0
         self._solution: torch.Tensor | None = None
+        self._solved_for: torch.Tensor | None = None  # the present tasks alpha was solved for
 
     def combine(self, grads: TaskGrads, losses: torch.Tensor):
-        if self._solution is None or self._step % self.config.update_weights_every == 0:
-            self._solution = agg.nash_coefficients(grads.gram(), start=self._solution)
+        present = (
+            grads.present
+            if grads.present is not None
+            else torch.ones(self.num_tasks, dtype=torch.bool)
+        )
+        if (
+            self._solution is None
+            or self._step % self.config.update_weights_every == 0
+            or self._solved_for is None
+            or not torch.equal(self._solved_for, present)
+        ):
+            start = self._solution
+
+            def solve(gram: torch.Tensor) -> torch.Tensor:
+                warm = None if start is None else start[present]
+                return agg.nash_coefficients(gram, start=warm)
+
+            self._solution = agg.on_present(solve, grads.gram(), present)
+            self._solved_for = present.clone()
         self._step += 1
         self._alpha = self._solution.float()
         shared = _combination(self._solution, grads)
@@ -267,10 +300,14 @@ class NashMTL(_Weighted):
         return shared, self._alpha.to(losses)
 
     def state_dict(self) -> dict[str, Any]:
-        return {"step": self._step, "solution": self._solution}
+        return {"step": self._step, "solution": self._solution, "solved_for": self._solved_for}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self._step, self._solution = int(state["step"]), state["solution"]
+        solved = state.get("solved_for")
+        if solved is None and self._solution is not None:  # a checkpoint from before the field
+            solved = torch.ones(self.num_tasks, dtype=torch.bool)
+        self._solved_for = solved
 
 
 @register_balancer("alignedmtl")
@@ -287,6 +324,6 @@ class AlignedMTL(_Weighted):
     """
 
     def combine(self, grads: TaskGrads, losses: torch.Tensor):
-        coef = agg.aligned_coefficients(grads.gram())
+        coef = agg.on_present(agg.aligned_coefficients, grads.gram(), grads.present)
         self._alpha = coef.float()
         return _combination(coef, grads), None

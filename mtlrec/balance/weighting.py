@@ -1,8 +1,12 @@
-"""Loss weighting: the update is the gradient of sum_t w_t L_t for weights the method chooses.
+"""Loss weighting (the gradient of a weighted sum of task losses), and DB-MTL (a gradient method).
 
-Fixed and equal weights; learned (UW) and adaptive (DWA, GradNorm, RLW, DB-MTL, FAMO) weights.
-GradNorm and DB-MTL look at per-task gradients (:mod:`mtlrec.balance.grads`); the others only at
-loss values and use one plain backward.
+Fixed and equal weights; learned (UW) and adaptive (DWA, GradNorm, RLW, FAMO) weights give the
+gradient of sum_t w_t L_t (FAMO: of sum_t z_t log L_t / c, i.e. weights z_t / (c L_t)). DB-MTL
+is listed here with the loss-level methods but is a gradient method: its shared update is an EMA
+of past per-task gradients of log L_t, each rescaled to the largest norm, not the gradient of any
+weighted loss. GradNorm and DB-MTL look at per-task gradients (:mod:`mtlrec.balance.grads`); the
+others only at loss values and use one plain backward. A task absent from a step (loss exactly 0,
+:mod:`mtlrec.balance.base`) leaves every method's state as it was.
 """
 
 from __future__ import annotations
@@ -13,7 +17,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from mtlrec.balance.base import Balancer, BalancerConfig, config_error, register_balancer
+from mtlrec.balance.base import (
+    Balancer,
+    BalancerConfig,
+    config_error,
+    present_tasks,
+    register_balancer,
+)
 from mtlrec.balance.grads import GradientBalancer, TaskGrads
 from mtlrec.errors import ConfigError
 
@@ -85,10 +95,28 @@ class _Learned:
         self.param = nn.Parameter(init.clone())
         self.optimizer = torch.optim.Adam([self.param], lr=lr, weight_decay=weight_decay)
 
-    def step(self, grad: torch.Tensor) -> None:
+    def step(self, grad: torch.Tensor, keep: torch.Tensor | None = None) -> None:
+        """One Adam step on ``grad``; entries where ``keep`` is True (absent tasks) keep their
+        value and their Adam moments (the shared step count still advances)."""
+        if keep is not None:
+            keep = keep.to(self.param.device)
+            before = self.param.detach().clone()
+            state = self.optimizer.state.get(self.param, {})
+            moments = {
+                k: v.clone()
+                for k, v in state.items()
+                if torch.is_tensor(v) and v.shape == self.param.shape
+            }
         self.param.grad = grad.detach().to(self.param)
         self.optimizer.step()
         self.param.grad = None
+        if keep is not None:
+            with torch.no_grad():
+                self.param.copy_(torch.where(keep, before, self.param))
+                for k, v in self.optimizer.state[self.param].items():
+                    if torch.is_tensor(v) and v.shape == self.param.shape:
+                        old = moments.get(k, torch.zeros_like(v))  # none yet: they start at 0
+                        v.copy_(torch.where(keep, old, v))
 
     def state_dict(self) -> dict[str, Any]:
         return {"value": self.param.detach().clone(), "optimizer": self.optimizer.state_dict()}
@@ -132,7 +160,8 @@ class UncertaintyWeighting(Balancer):
     (L / sigma^2 + log sigma). ``weights`` = c_t exp(-s_t).
     Design: s is an ``nn.Parameter`` owned by the balancer and stepped by its own Adam inside
     ``backward``; the paper optimises s jointly with the network, which is the same thing when
-    ``balance.lr`` equals ``train.lr`` (both default to 1e-3).
+    ``balance.lr`` equals ``train.lr`` (both default to 1e-3). A task absent from a step drops
+    out of the objective (both terms), and its s_t and Adam moments stay as they were.
     """
 
     Config = UWConfig
@@ -151,11 +180,13 @@ class UncertaintyWeighting(Balancer):
 
     def backward(self, losses: torch.Tensor, aux_loss: torch.Tensor | None = None) -> torch.Tensor:
         s = self.log_vars.param
-        total = (self._c * torch.exp(-s) * losses + 0.5 * s).sum()
+        present = present_tasks(losses).to(s.device)
+        terms = self._c * torch.exp(-s) * losses + 0.5 * s
+        total = torch.where(present, terms, torch.zeros_like(terms)).sum()
         if aux_loss is not None:
             total = total + aux_loss
         total.backward()
-        self.log_vars.step(s.grad if s.grad is not None else torch.zeros_like(s))
+        self.log_vars.step(s.grad if s.grad is not None else torch.zeros_like(s), keep=~present)
         return total.detach()
 
     @property
@@ -190,7 +221,9 @@ class DynamicWeightAverage(Balancer):
     with temperature 2; the weights are 1 until two loss averages exist.
     Departure: the paper averages the loss over the two previous epochs; the balancer does not
     see epochs, so it averages over consecutive windows of ``window`` steps (default 100) and
-    uses the last two complete windows.
+    uses the last two complete windows. A task's window average is over the steps where it is
+    present (absent steps, loss exactly 0, are skipped); when a task has no present step in one
+    of the two windows its ratio does not exist and the previous weights are kept.
     """
 
     Config = DWAConfig
@@ -198,28 +231,42 @@ class DynamicWeightAverage(Balancer):
     def __init__(self, model, config: DWAConfig) -> None:
         super().__init__(model, config)
         self._sum = torch.zeros(self.num_tasks, dtype=torch.float64)
-        self._count = 0
-        self._history: list[torch.Tensor] = []
-        self._w = torch.ones(self.num_tasks)
+        self._count = torch.zeros(self.num_tasks, dtype=torch.float64)  # present steps per task
+        self._steps = 0  # steps in the current window
+        self._history: list[torch.Tensor] = []  # window averages (NaN: no present step)
+        self._next = torch.ones(self.num_tasks)  # the weights of the coming steps
+        self._w = self._next  # the weights of the last step
 
-    def _current(self) -> torch.Tensor:
+    def _next_weights(self) -> torch.Tensor:
+        """The weights from the last two windows; the held ones where a ratio is missing."""
         if len(self._history) < 2:
             return torch.ones(self.num_tasks)
-        ratio = self._history[-1] / self._history[-2].clamp_min(1e-12)
+        last, before = self._history[-1], self._history[-2]
+        if bool(last.isnan().any() or before.isnan().any()):
+            return self._next
+        ratio = last / before.clamp_min(1e-12)
         return (self.num_tasks * torch.softmax(ratio / self.config.temperature, 0)).float()
 
     def backward(self, losses: torch.Tensor, aux_loss: torch.Tensor | None = None) -> torch.Tensor:
-        self._w = self._current()
+        self._w = self._next
         total = (self._w.to(losses) * losses).sum()
         if aux_loss is not None:
             total = total + aux_loss
         total.backward()
-        self._sum += losses.detach().double().cpu()
-        self._count += 1
-        if self._count == self.config.window:
-            self._history = [*self._history[-1:], self._sum / self._count]
+        current = losses.detach().double().cpu()
+        present = current != 0
+        self._sum += torch.where(present, current, torch.zeros_like(current))
+        self._count += present.double()
+        self._steps += 1
+        if self._steps == self.config.window:
+            average = torch.where(
+                self._count > 0, self._sum / self._count.clamp_min(1.0), float("nan")
+            )
+            self._history = [*self._history[-1:], average]
             self._sum = torch.zeros_like(self._sum)
-            self._count = 0
+            self._count = torch.zeros_like(self._count)
+            self._steps = 0
+            self._next = self._next_weights()
         return total.detach()
 
     @property
@@ -227,11 +274,29 @@ class DynamicWeightAverage(Balancer):
         return self._w
 
     def state_dict(self) -> dict[str, Any]:
-        return {"sum": self._sum, "count": self._count, "history": list(self._history)}
+        return {
+            "sum": self._sum,
+            "count": self._count,
+            "steps": self._steps,
+            "history": list(self._history),
+            "next": self._next,
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self._sum, self._count = state["sum"].clone(), int(state["count"])
+        self._sum = state["sum"].clone()
         self._history = [h.clone() for h in state["history"]]
+        count = state["count"]
+        if torch.is_tensor(count):
+            self._count, self._steps = count.clone(), int(state["steps"])
+        else:  # a checkpoint from before per-task counts: every step counted for every task
+            self._count = torch.full_like(self._sum, float(count))
+            self._steps = int(count)
+        if "next" in state:
+            self._next = state["next"].clone()
+        else:  # before the field: the weights followed from the history alone
+            self._next = torch.ones(self.num_tasks)
+            self._next = self._next_weights()
+        self._w = self._next
 
 
 @dataclass
@@ -257,9 +322,13 @@ class GradNorm(GradientBalancer):
     step. Since G_i = w_i |grad_W L_i|, dL_grad/dw_i = sign(G_i - G_bar r_i^alpha) |grad_W L_i|
     exactly, so no second-order backward is needed.
     Departures: W is all shared parameters (the paper suggests the last shared layer, which has
-    no model-independent definition here); L_i(0) is the first step's loss; the weights have
-    their own Adam (``lr``, default 1e-3 = the default ``train.lr``; the paper uses the network's
-    optimizer) and are floored at 1e-3 before renormalising, so none turns negative.
+    no model-independent definition here); L_i(0) is the task's loss on the first step where it
+    is present; the weights have their own Adam (``lr``, default 1e-3 = the default
+    ``train.lr``; the paper uses the network's optimizer) and are floored at 1e-3 before
+    renormalising, so none turns negative. A task absent from a step (loss exactly 0, zero
+    gradient) is left out of that step's weight update: G_bar and the mean rate are over the
+    present tasks, its weight and Adam moments stay as they were, and the present weights are
+    renormalised to sum to T minus the absent ones.
     """
 
     Config = GradNormConfig
@@ -267,21 +336,27 @@ class GradNorm(GradientBalancer):
     def __init__(self, model, config: GradNormConfig) -> None:
         super().__init__(model, config)
         self.w = _Learned(torch.ones(self.num_tasks, device=_device(model)), config.lr)
-        self._initial: torch.Tensor | None = None
+        self._initial: torch.Tensor | None = None  # L_i(0); NaN until task i is present
 
     def combine(self, grads: TaskGrads, losses: torch.Tensor):
         w = self.w.param.detach().clone()
+        present = grads.present
+        present = torch.ones_like(w, dtype=torch.bool) if present is None else present.to(w.device)
         if self._initial is None:
-            self._initial = losses.clone()
+            self._initial = torch.full_like(losses, float("nan"))
+        self._initial = torch.where(present & self._initial.isnan(), losses, self._initial)
         norms = grads.gram().diagonal().clamp_min(0).sqrt().to(w)
         ratio = losses / self._initial.clamp_min(1e-12)
-        rate = ratio / ratio.mean().clamp_min(1e-12)
+        rate = ratio / ratio[present].mean().clamp_min(1e-12)
         g = w * norms
-        target = g.mean() * rate.pow(self.config.alpha)
-        self.w.step(torch.sign(g - target) * norms)
+        target = g[present].mean() * rate.pow(self.config.alpha)
+        step = torch.where(present, torch.sign(g - target) * norms, torch.zeros_like(norms))
+        self.w.step(step, keep=~present)
         with torch.no_grad():
             floored = self.w.param.clamp_min(1e-3)
-            self.w.param.copy_(floored * self.num_tasks / floored.sum())
+            absent_sum = torch.where(present, torch.zeros_like(w), w).sum()
+            scaled = floored * (self.num_tasks - absent_sum) / floored[present].sum()
+            self.w.param.copy_(torch.where(present, scaled, w))
         return w @ grads.matrix, w
 
     @property
@@ -308,7 +383,8 @@ class RandomLossWeighting(Balancer):
     Lin, Ye, Zhang, Tsang, "Reasonable Effectiveness of Random Weighting: A Litmus Test for
     Multi-Task Learning", TMLR 2022: w = softmax(z), z ~ N(0, I) sampled each step, loss
     sum_t w_t L_t (weights sum to 1, as in the paper). Samples come from a generator seeded by
-    ``seed``, saved with the balancer's state.
+    ``seed``, saved with the balancer's state. On a step with an absent task (loss exactly 0) the
+    softmax runs over the present tasks' draws (the draw itself is unchanged, T numbers a step).
     """
 
     Config = RLWConfig
@@ -319,8 +395,14 @@ class RandomLossWeighting(Balancer):
         self._w = torch.full((self.num_tasks,), 1.0 / self.num_tasks)
 
     def backward(self, losses: torch.Tensor, aux_loss: torch.Tensor | None = None) -> torch.Tensor:
-        self._w = torch.softmax(torch.randn(self.num_tasks, generator=self.generator), 0)
-        total = (self._w.to(losses) * losses).sum()
+        w = torch.softmax(torch.randn(self.num_tasks, generator=self.generator), 0).to(losses)
+        # Absent tasks: renormalise over the present ones (on the device: no host sync; with
+        # every task present the draw's softmax is used as it is).
+        present = present_tasks(losses)
+        kept = torch.where(present, w, torch.zeros_like(w))
+        renormalised = kept / kept.sum().clamp_min(1e-30)
+        self._w = torch.where(present.all(), w, renormalised).detach()
+        total = (self._w * losses).sum()
         if aux_loss is not None:
             total = total + aux_loss
         total.backward()
@@ -350,15 +432,19 @@ class DBMTLConfig(BalancerConfig):
 
 @register_balancer("dbmtl")
 class DualBalancing(GradientBalancer):
-    """DB-MTL: log-transformed losses, task gradients rescaled to the largest task's norm.
+    """DB-MTL, a gradient method: an EMA of each task's grad log L, rescaled to the largest norm.
 
-    Lin, Jiang, Ye, Zhang, Chen, Chen, Liu, Tsang, Kwok, "Dual-Balancing for Multi-Task
-    Learning", arXiv 2308.12029, 2023. Loss-scale balancing: each task's loss is log L_t.
-    Gradient-magnitude balancing: an EMA of each task's gradient of log L_t on the shared
-    parameters, g_hat_t = beta_k g_hat_t + (1 - beta_k) grad log L_t with beta_k = beta /
-    k^beta_sigma (beta = 0.9, beta_sigma = 0, the authors' LibMTL defaults; the EMA starts at
-    zero), and the shared update sum_t (max_s |g_hat_s| / |g_hat_t|) g_hat_t. Each task's own
-    parameters get grad log L_t. ``weights`` are the last rescaling factors.
+    Lin, Jiang, Ye, Zhang, Chen, Chen, Liu, Kwok, "Dual-Balancing for Multi-Task Learning",
+    arXiv 2308.12029, 2023 (v3, 2025, accepted by Neural Networks, adds Ivor W. Tsang as an
+    author). Loss-scale balancing: each task's loss is log L_t. Gradient-magnitude balancing: an
+    EMA of each task's gradient of log L_t on the shared parameters,
+    g_hat_t = beta_k g_hat_t + (1 - beta_k) grad log L_t with beta_k = beta / k^beta_sigma
+    (beta = 0.9, beta_sigma = 0, the authors' LibMTL defaults; the EMA starts at zero), and the
+    shared update sum_t (max_s |g_hat_s| / |g_hat_t|) g_hat_t: not the gradient of a weighted
+    loss, although the class lives with the loss-weighting methods. Each task's own parameters
+    get grad log L_t = grad L_t / L_t. ``weights`` are the last rescaling factors. A task absent
+    from a step keeps its EMA as it was and is left out of that step's update (and of the max
+    norm); its factor is 0.
     """
 
     Config = DBMTLConfig
@@ -378,9 +464,14 @@ class DualBalancing(GradientBalancer):
             self._buffer, self._step = torch.zeros_like(g), 0
         self._step += 1
         beta = self.config.beta / self._step**self.config.beta_sigma
-        self._buffer = beta * self._buffer + (1.0 - beta) * g
+        present = grads.present
+        present = torch.ones(g.shape[0], dtype=torch.bool) if present is None else present
+        present = present.to(g.device)
+        updated = beta * self._buffer + (1.0 - beta) * g
+        self._buffer = torch.where(present[:, None], updated, self._buffer)
         norms = self._buffer.norm(dim=1)
-        self._alpha = norms.max() / (norms + 1e-8)
+        factors = norms[present].max() / (norms + 1e-8)
+        self._alpha = torch.where(present, factors, torch.zeros_like(factors))
         return self._alpha @ self._buffer, None
 
     @property
@@ -421,6 +512,11 @@ class FAMO(Balancer):
     Departure: the paper re-evaluates the same mini-batch after the model step to get
     L(after); a balancer cannot run the model, so delta uses the next step's losses (a different
     mini-batch), and xi is stepped at the start of that next ``backward``.
+    Absent tasks (loss exactly 0: no observed row): such a task is left out of c and of the
+    network's objective (the update is a convex combination of the present tasks' gradients),
+    and out of the logits update that reads its delta (absent before or after): that update
+    uses the softmax over the tasks present on both steps and leaves the others' logits and Adam
+    moments as they were.
     """
 
     Config = FAMOConfig
@@ -433,15 +529,23 @@ class FAMO(Balancer):
 
     def backward(self, losses: torch.Tensor, aux_loss: torch.Tensor | None = None) -> torch.Tensor:
         current = losses.detach()
+        present = present_tasks(current)
         if self._previous is not None:
-            delta = torch.log(self._previous + 1e-8) - torch.log(current + 1e-8)
+            # Tasks present on both steps; the others have no delta. Device-side masks, no sync.
+            both = (present & (self._previous != 0)).to(self.logits.param.device)
+            delta = (torch.log(self._previous + 1e-8) - torch.log(current + 1e-8)).to(both.device)
+            delta = torch.where(both, delta, torch.zeros_like(delta))
             xi = self.logits.param.detach().requires_grad_(True)
-            (grad,) = torch.autograd.grad(torch.softmax(xi, 0), xi, grad_outputs=delta.to(xi))
-            self.logits.step(grad)
+            z_both = torch.softmax(xi.masked_fill(~both, float("-inf")), 0)
+            (grad,) = torch.autograd.grad(z_both, xi, grad_outputs=delta.to(xi))
+            grad = torch.where(both, grad, torch.zeros_like(grad))  # also no NaN if none is
+            self.logits.step(grad, keep=~both)
         self._previous = current.clone()
         z = self.weights.to(losses)
+        z = torch.where(present, z, torch.zeros_like(z))
         shifted = losses + 1e-8
         c = (z / shifted.detach()).sum()
+        c = c + (c == 0).to(c)  # every task absent: 0 / 1, no update
         total = (z * torch.log(shifted)).sum() / c
         if aux_loss is not None:
             total = total + aux_loss

@@ -28,7 +28,7 @@ import torch
 import yaml
 
 from mtlrec.balance import build_balancer
-from mtlrec.balance.base import check_compile
+from mtlrec.balance.base import check_compile, check_optimizer
 from mtlrec.config import TrainConfig, config_changes, read_yaml, split_named, train_config
 from mtlrec.data.checks import unseen_value_warnings
 from mtlrec.data.datasets import DatasetSplits, load_dataset
@@ -112,6 +112,7 @@ def _train_run(
 ) -> dict[str, Any]:
     main = dist.is_main()  # rank 0 (or the only process) writes files and prints
     check_compile(tcfg.compile, config["balance"]["name"], tcfg.diagnose)
+    check_optimizer(tcfg.optimizer, config["balance"]["name"])
     if out.exists() and not out.is_dir():
         raise ConfigError(f"--out {out}: a file is in the way; name a folder for the run")
     if resume:  # checked on rank 0, raised on every rank (none is left in a collective)

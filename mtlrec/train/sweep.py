@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from mtlrec.balance.base import check_compile, describe_balancers
+from mtlrec.balance.base import check_compile, check_optimizer, describe_balancers
 from mtlrec.bench.runs import run_all, train_or_reuse
 from mtlrec.config import RESUMABLE_KEYS, REUSABLE_KEYS, config_changes, split_named, train_config
 from mtlrec.errors import ConfigError
@@ -92,6 +92,7 @@ def check_config(config: dict[str, Any], rank_by: str | None = None) -> None:
     name, options = split_named(config["model"], "model")
     build_config(model_class(name).Config, options, name)
     check_compile(tcfg.compile, config["balance"]["name"], tcfg.diagnose)
+    check_optimizer(tcfg.optimizer, config["balance"]["name"])
     if config["dataset"].get("schema"):  # a typo in depends_on fails now, not in every run
         schema = Schema.load(config["dataset"]["schema"])
         if rank_by is not None and rank_by not in schema.task_names:

@@ -174,7 +174,9 @@ class Trainer:
         params = [p for p in model.parameters() if p.requires_grad]
         self.params = params
         # A balancer that changes the update rule itself (AdaTask) supplies the optimizer.
-        custom = balancer.make_optimizer(params, lr=config.lr, weight_decay=config.weight_decay)
+        custom = balancer.make_optimizer(
+            params, lr=config.lr, weight_decay=config.weight_decay, optimizer=config.optimizer
+        )
         self.custom_optimizer = custom is not None
         self.optimizer = (
             custom
