@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed-stamp
 TORCH := torch==2.13.0
 export MTLREC_DATA_DIR ?= $(abspath ../shared/data)
 
-.PHONY: venv demo test lint bench-census bench-balance bench-cascade bench-speed bench-speed-gpu bench-zoo bench-scale bench-serve bench-reproduce clean
+.PHONY: venv demo test lint bench-census bench-balance bench-cascade bench-speed bench-speed-gpu bench-zoo bench-sequence bench-scale bench-serve bench-reproduce clean
 
 venv: $(STAMP)
 
@@ -57,6 +57,9 @@ bench-reproduce: $(STAMP)
 
 bench-zoo: $(STAMP)
 	$(BIN)/python benchmarks/zoo/run.py --parallel 2
+
+bench-sequence: $(STAMP)
+	$(BIN)/python benchmarks/sequence/run.py --parallel 2
 
 bench-scale: $(STAMP)
 	$(BIN)/python benchmarks/scale/run.py

@@ -46,7 +46,7 @@ REPO = BENCHMARKS.parent
 FINGERPRINTS = HERE / "fingerprints.json"
 # Benchmarks whose runs are single-process `mtlrec train` runs with one torch thread (the scale
 # benchmark's runs are multi-process torchrun runs and are not replayed here).
-DEFAULT_BENCHMARKS = ("census", "zoo", "balance", "cascade")
+DEFAULT_BENCHMARKS = ("census", "zoo", "balance", "cascade", "sequence")
 _SEED = re.compile(r"-seed(\d+)$")
 
 
