@@ -16,6 +16,7 @@ from mtlrec.config import as_bool, as_int, read_yaml
 from mtlrec.errors import ConfigError
 
 FEATURE_TYPES = ("categorical", "numeric", "sequence")
+SEQUENCE_KEEP = ("first", "last")  # which tokens of a cell longer than max_len are kept
 TASK_TYPES = ("binary", "regression")
 
 
@@ -31,12 +32,13 @@ class Feature:
     non-monotone effects (age, hours) without a deep network. ``log`` applies sign(x)·log1p(|x|)
     first, for heavy-tailed amounts.
     ``sequence``: a multi-value field such as ``"a|b|c"``, split on ``sep``, cut to ``max_len``
-    (its first ``max_len`` tokens) and mean-pooled over its embeddings (sequence models read the
-    tokens one by one).
+    tokens and mean-pooled over its embeddings (sequence models read the tokens one by one, in
+    the order written). ``keep`` says which tokens a longer cell keeps: ``first`` (the default)
+    or ``last`` -- a history written oldest first needs ``last`` to keep its most recent items.
     ``vocab_of``: the name of a categorical feature whose vocabulary and embedding rows this
     categorical or sequence feature uses, so that the same id means the same vector in both: a
     history of item ids (``vocab_of: item``) can then be matched against the candidate item, as
-    target attention (DIN, DMT) needs. The shared vocabulary is fitted on the values of every
+    target attention (DMT) needs. The shared vocabulary is fitted on the values of every
     feature that uses it; ``min_freq`` and ``hash_buckets`` are set on the feature it names.
     """
 
@@ -50,6 +52,7 @@ class Feature:
     buckets: int = 0
     log: bool = False
     vocab_of: str | None = None
+    keep: str = "first"
 
     def __post_init__(self) -> None:
         self.name = _name(self.name, "feature")
@@ -74,6 +77,10 @@ class Feature:
             raise ConfigError(f"feature {self.name!r}: buckets apply to numeric features only")
         if self.max_len < 1:
             raise ConfigError(f"feature {self.name!r}: max_len must be >= 1")
+        if self.keep not in SEQUENCE_KEEP:
+            raise ConfigError(f"{what}: keep must be 'first' or 'last', got {self.keep!r}")
+        if self.keep != "first" and self.type != "sequence":
+            raise ConfigError(f"{what}: keep applies to sequence features only")
         if self.vocab_of is not None:
             self.vocab_of = _name(self.vocab_of, f"{what}: vocab_of")
             if self.type == "numeric":

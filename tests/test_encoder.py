@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from mtlrec.data.encoder import Encoder
-from mtlrec.errors import DataError
+from mtlrec.errors import ConfigError, DataError
 from mtlrec.schema import Feature, Schema, Task
 from tests.conftest import funnel_frame
 
@@ -313,3 +313,29 @@ def test_vocab_of_refuses_its_own_min_freq_or_hashing_and_numeric_features():
     )
     assert loaded.features[1].vocab_of == "i"
     assert Schema.from_dict(loaded.to_dict()) == loaded
+
+
+def test_keep_last_keeps_the_most_recent_tokens_of_a_long_history():
+    schema = Schema(
+        [Feature("h", "sequence", max_len=3, keep="last"), Feature("f", "sequence", max_len=3)],
+        [Task("y")],
+    )
+    frame = pd.DataFrame(
+        {"h": ["a|b|c|d|e", "a||b", ""], "f": ["a|b|c|d|e", "a", ""], "y": [1, 0, 1]}
+    )
+    enc = Encoder(schema).fit(frame)
+    table = enc.transform(frame)
+    off_h, off_f = enc.layout().field_offsets
+    vocab = enc.state["h"]["vocab"]
+
+    def ids(tokens, offset):
+        return [vocab.index(t) + 1 + offset for t in tokens]
+
+    assert table.seq[0, :3].tolist() == ids("cde", off_h)  # the last three, in order
+    assert table.seq[1, :3].tolist() == ids("ab", off_h) + [0]  # short: left-aligned as before
+    assert table.seq[2, :3].tolist() == [0, 0, 0]
+    assert table.seq[0, 3:].tolist() == ids("abc", off_f)  # keep: first (default)
+    with pytest.raises(ConfigError, match="keep must be 'first' or 'last'"):
+        Feature("h", "sequence", keep="end")
+    with pytest.raises(ConfigError, match="keep applies to sequence features only"):
+        Feature("c", keep="last")

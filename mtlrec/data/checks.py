@@ -65,3 +65,62 @@ def unseen_in_file_warnings(
     head = frame.head(SAMPLE_ROWS)
     table = encoder.transform(head, where=where, labels=False, first_row=first_row)
     return unseen_value_warnings(encoder, table, head, where)
+
+
+CUT_WARN = 0.05  # warn when at least this share of rows loses tokens to max_len (keep: first)
+SHARED_WARN = 0.5  # warn when less than this share of a sharer's values occur in its owner
+
+
+def sequence_warnings(encoder: Encoder, frame: pd.DataFrame, where: str) -> list[str]:
+    """Lines about sequence and ``vocab_of`` features in ``frame`` (a training split) that
+    encode without error but probably not as meant:
+
+    - cells longer than ``max_len`` with ``keep: first``: a history written oldest first then
+      loses its most recent items, which sequence models rely on most;
+    - a feature sharing another's vocabulary (``vocab_of``) whose values mostly do not occur in
+      that feature's column: the same id written two ways (``42`` and ``42.0``) gets two rows,
+      so the history never matches the candidate."""
+    import numpy as np
+
+    from mtlrec.data.encoder import _tokens
+
+    if len(frame) == 0:
+        return []
+    schema = encoder.schema
+    lines = []
+    for feat in schema.features_of("sequence"):
+        if feat.keep != "first":
+            continue
+        tokens = _tokens(frame[feat.source], feat, where=where)
+        counts = np.bincount(tokens.index.to_numpy(dtype=np.int64), minlength=len(frame))
+        share = float((counts > feat.max_len).mean())
+        if share >= CUT_WARN:
+            lines.append(
+                f"warning: {where}: column {feat.source!r}: {share:.0%} of rows have more than "
+                f"max_len={feat.max_len} tokens and keep their first {feat.max_len}; a history "
+                "written oldest first needs `keep: last` to keep its most recent items"
+            )
+    for feat in schema.features:
+        owner = next((f for f in schema.features if f.name == feat.vocab_of), None)
+        if owner is None or owner.hash_buckets:
+            continue
+        values = (
+            _tokens(frame[feat.source], feat, where=where)
+            if feat.type == "sequence"
+            else _as_text(frame[feat.source])
+        )
+        values = values[values != ""]
+        if values.empty:
+            continue
+        known = set(_as_text(frame[owner.source]).unique())
+        found = values.isin(known)
+        share = float(found.mean())
+        if share < SHARED_WARN:
+            lines.append(
+                f"warning: {where}: column {feat.source!r} shares the vocabulary of "
+                f"{owner.name!r} (vocab_of), but only {share:.0%} of its values occur in column "
+                f"{owner.source!r} (e.g. {values[~found].iloc[0]!r} vs "
+                f"{_as_text(frame[owner.source]).iloc[0]!r}); check that both write the ids "
+                "the same way"
+            )
+    return lines

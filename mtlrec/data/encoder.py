@@ -196,7 +196,10 @@ class Encoder:
         if len(tokens):
             rows = tokens.index.get_level_values(0).to_numpy()
             pos = tokens.index.get_level_values(1).to_numpy()
-            keep = pos < feat.max_len
+            if feat.keep == "last":  # shift each row so that its last max_len tokens remain
+                surplus = np.maximum(np.bincount(rows, minlength=n) - feat.max_len, 0)
+                pos = pos - surplus[rows]
+            keep = (pos >= 0) & (pos < feat.max_len)
             ids = self._lookup(feat, tokens[keep]) + offset
             out[rows[keep], pos[keep]] = ids
         return out

@@ -30,7 +30,7 @@ import yaml
 from mtlrec.balance import build_balancer
 from mtlrec.balance.base import check_compile, check_optimizer
 from mtlrec.config import TrainConfig, config_changes, read_yaml, split_named, train_config
-from mtlrec.data.checks import unseen_value_warnings
+from mtlrec.data.checks import sequence_warnings, unseen_value_warnings
 from mtlrec.data.datasets import DatasetSplits, load_dataset
 from mtlrec.data.encoder import Encoder
 from mtlrec.data.source import BatchSource
@@ -174,6 +174,9 @@ def _train_run(
     in_memory = train if isinstance(train, TensorTable) else None
     for line in unseen_value_warnings(encoder, valid, valid_frame, valid_where, in_memory):
         echo(line)
+    if stream_path is None:
+        for line in sequence_warnings(encoder, splits.train, _where(splits.train, "train")):
+            echo(line)
     load_seconds = time.perf_counter() - started
 
     device = tcfg.torch_device()

@@ -344,7 +344,7 @@ def movielens_schema(history_len: int = 20, full_history: bool = False) -> Schem
             Feature("genres", "sequence", max_len=MAX_GENRES),
         ]
         # vocab_of: a history token is the same embedding row as the candidate movie, so target
-        # attention (DIN, DMT) can match them
+        # attention (DMT) can match them
         + [Feature(name, "sequence", max_len=history_len, vocab_of="movie") for name in facets],
         tasks=[Task("like"), Task("rating", "regression")],
     )
