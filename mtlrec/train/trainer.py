@@ -159,8 +159,8 @@ class Trainer:
             monitor = GradientMonitor.from_config(model, config)
         self.model = model
         # train.compile: the training forward runs through torch.compile (inductor fuses the
-        # element-wise work around the matmuls: +11-22 % samples/s single-threaded on CPU, no
-        # gain at 2 threads; benchmarks/speed);
+        # element-wise work around the matmuls: +11-22 % samples/s for MMoE single-threaded on CPU,
+        # no gain at 2 threads, slower for DMT and MoSE; benchmarks/speed and README);
         # evaluation, checkpoints and meta-training use the eager module, which shares weights.
         check_compile(config.compile, balancer, monitor is not None)
         self.forward = torch.compile(model) if config.compile else model
