@@ -30,6 +30,7 @@ def _run(model: str, seed: int, auc: float, mse: float) -> dict:
         "epochs_run": 4,
         "seconds_per_epoch": 2.0,
         "metrics": {"like": {"auc": auc, "logloss": 0.6}, "rating": {"mse": mse}},
+        "valid_like_auc": auc + 0.01,
     }
 
 
@@ -43,6 +44,7 @@ def test_aggregate_averages_every_metric_over_seeds_per_model():
     assert rows["dmt"]["like_auc_std"] == pytest.approx(np.std([0.70, 0.72], ddof=1))
     assert rows["dmt"]["rating_mse_mean"] == pytest.approx(1.2)
     assert rows["dmt"]["seeds"] == [1, 2]
+    assert rows["dmt"]["valid_like_auc_mean"] == pytest.approx(0.72)
     assert rows["mmoe"]["rating_mse_std"] is None  # one seed: no spread
 
 
@@ -70,5 +72,5 @@ def test_report_ranks_models_and_lists_failures(tmp_path):
     )
     text = path.read_text()
     assert text.index("| dmt |") < text.index("| mmoe |")  # best like AUC first
-    assert "| constant (training like rate, mean rating) | 0.5 | 0.6900 | 1.3000 |" in text
+    assert "| constant (training like rate, mean rating) | 0.5 | 0.6900 | 1.3000 | 0.5 |" in text
     assert "mose / seed 1: failed (exit 2): boom" in text and "- a note" in text

@@ -69,6 +69,7 @@ def run_one(model: str, seed: int, args: argparse.Namespace, runs_dir: Path) -> 
     if row["status"] == "ok":
         metrics = json.loads((out / "metrics.json").read_text())
         row["metrics"] = metrics[row["split"]]
+        row["valid_like_auc"] = metrics["valid"]["like"]["auc"]
     return row
 
 
@@ -86,6 +87,8 @@ def aggregate(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
             "seconds_per_epoch": statistics.mean(secs) if secs else None,
             "epochs_run": statistics.mean(r["epochs_run"] for r in group),
         }
+        valid = [r["valid_like_auc"] for r in group if r.get("valid_like_auc") is not None]
+        row["valid_like_auc_mean"] = statistics.mean(valid) if valid else None
         for task, metric, _ in COLUMNS:
             values = [r["metrics"][task][metric] for r in group if task in r["metrics"]]
             row[f"{task}_{metric}_mean"] = statistics.mean(values) if values else None
@@ -142,23 +145,26 @@ def write_markdown(
         + (f"; at most {args.max_rows} rows per split" if args.max_rows else "")
         + ".",
         "",
-        "| model | like AUC | like log loss | rating MSE | parameters | s/epoch | epochs run |",
-        "|---|---|---|---|---|---|---|",
+        "| model | like AUC | like log loss | rating MSE | valid like AUC | parameters | s/epoch "
+        "| epochs run |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for row in sorted(rows, key=lambda r: -(r["like_auc_mean"] or 0.0)):
         cells = " | ".join(_fmt(row[f"{t}_{m}_mean"], row[f"{t}_{m}_std"]) for t, m, _ in COLUMNS)
         secs = row["seconds_per_epoch"]
         lines.append(
-            f"| {row['model']} | {cells} | {row['parameters']:,} | "
+            f"| {row['model']} | {cells} | {_fmt(row['valid_like_auc_mean'], None)} | "
+            f"{row['parameters']:,} | "
             f"{'-' if secs is None else f'{secs:.1f}'} | {row['epochs_run']:.1f} |"
         )
     lines.append(
         f"| constant (training like rate, mean rating) | 0.5 | {baseline['like_logloss']:.4f} | "
-        f"{baseline['rating_mse']:.4f} | 2 | - | - |"
+        f"{baseline['rating_mse']:.4f} | 0.5 | 2 | - | - |"
     )
     lines += [
         "",
-        f"Mean ± sample standard deviation over seeds {', '.join(map(str, seeds))} (test split). "
+        f"Mean ± sample standard deviation over seeds {', '.join(map(str, seeds))} (test split; "
+        "valid like AUC: the mean over seeds of the best epoch's validation AUC, which chose it). "
         "The constant row predicts the training split's like rate and mean rating for every test "
         "row (computed by this script). s/epoch: training seconds per epoch with "
         f"{args.parallel} process(es) sharing the machine; epochs run: mean over seeds.",
