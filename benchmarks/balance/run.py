@@ -41,6 +41,7 @@ from mtlrec.bench.hardware import cpu_name
 from mtlrec.bench.runs import (
     add_run_options,
     census_setup,
+    mean_std,
     run_all,
     shown_arguments,
     train_or_reuse,
@@ -163,12 +164,6 @@ def compare_to_reference(runs: list[dict[str, Any]], model: str, balancer: str) 
     return {"delta": delta, "se": se, "seeds": len(diffs), "verdict": verdict}
 
 
-def _fmt(mean: float | None, std: float | None) -> str:
-    if mean is None:
-        return "-"
-    return f"{mean:.4f}" if std is None else f"{mean:.4f} ± {std:.4f}"
-
-
 def effect_sizes(deltas: list[tuple[float, float, str]]) -> list[str]:
     """One sentence on how large the differences are, so that a consistent but tiny Δ is not
     read as a gain: the largest |Δ| and the range of all the others. ``deltas``: (|Δ|, Δ,
@@ -216,7 +211,7 @@ def write_markdown(
             }
             first = next(iter(cells.values()))
             aucs = " | ".join(
-                _fmt(cells[t]["auc_mean"], cells[t]["auc_std"]) if t in cells else "-"
+                mean_std(cells[t]["auc_mean"], cells[t]["auc_std"]) if t in cells else "-"
                 for t in tasks
             )
             secs = first["seconds_per_epoch"]

@@ -35,6 +35,7 @@ from typing import Any
 
 from mtlrec.bench.runs import (
     add_run_options,
+    mean_std,
     run_all,
     shown_arguments,
     train_or_reuse,
@@ -113,12 +114,6 @@ def constant_baseline(max_rows: int | None) -> dict[str, float]:
     return {"like_logloss": logloss, "rating_mse": mse}
 
 
-def _fmt(mean: float | None, std: float | None) -> str:
-    if mean is None:
-        return "-"
-    return f"{mean:.4f}" if std is None else f"{mean:.4f} ± {std:.4f}"
-
-
 def write_markdown(
     path: Path,
     rows: list[dict[str, Any]],
@@ -150,10 +145,12 @@ def write_markdown(
         "|---|---|---|---|---|---|---|---|",
     ]
     for row in sorted(rows, key=lambda r: -(r["like_auc_mean"] or 0.0)):
-        cells = " | ".join(_fmt(row[f"{t}_{m}_mean"], row[f"{t}_{m}_std"]) for t, m, _ in COLUMNS)
+        cells = " | ".join(
+            mean_std(row[f"{t}_{m}_mean"], row[f"{t}_{m}_std"]) for t, m, _ in COLUMNS
+        )
         secs = row["seconds_per_epoch"]
         lines.append(
-            f"| {row['model']} | {cells} | {_fmt(row['valid_like_auc_mean'], None)} | "
+            f"| {row['model']} | {cells} | {mean_std(row['valid_like_auc_mean'], None)} | "
             f"{row['parameters']:,} | "
             f"{'-' if secs is None else f'{secs:.1f}'} | {row['epochs_run']:.1f} |"
         )

@@ -39,6 +39,7 @@ from typing import Any
 from mtlrec.bench.runs import (
     add_run_options,
     census_setup,
+    mean_std,
     run_all,
     shown_arguments,
     train_or_reuse,
@@ -158,12 +159,6 @@ def aggregate(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return rows
 
 
-def _fmt(mean: float | None, std: float | None) -> str:
-    if mean is None:
-        return "-"
-    return f"{mean:.4f}" if std is None else f"{mean:.4f} ± {std:.4f}"
-
-
 def write_markdown(
     path: Path,
     rows: list[dict[str, Any]],
@@ -202,7 +197,8 @@ def write_markdown(
         cells = by_model[model]
         first = next(iter(cells.values()))
         aucs = " | ".join(
-            _fmt(cells[t]["auc_mean"], cells[t]["auc_std"]) if t in cells else "-" for t in tasks
+            mean_std(cells[t]["auc_mean"], cells[t]["auc_std"]) if t in cells else "-"
+            for t in tasks
         )
         secs = first["seconds_per_epoch"]
         lines.append(

@@ -105,6 +105,14 @@ def run_all(
     return [rows[i] for i in sorted(rows)]
 
 
+def mean_std(mean: float | None, std: float | None) -> str:
+    """A table cell: ``mean ± std`` to 4 decimals, the mean alone without a spread, ``-`` when
+    there is no value."""
+    if mean is None:
+        return "-"
+    return f"{mean:.4f}" if std is None else f"{mean:.4f} ± {std:.4f}"
+
+
 def census_setup(models_block: bool, epochs: int | None, max_rows: int | None) -> str:
     """The "Setup:" sentence of a Census-Income benchmark's RESULTS.md."""
     sizes = ", model sizes from its `models:` block, defaults otherwise" if models_block else ""

@@ -29,9 +29,6 @@ against the SHA-256 below (the zip itself has no published checksum).
 
 from __future__ import annotations
 
-import os
-import tempfile
-import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -41,8 +38,8 @@ from mtlrec.data.datasets.download import (
     RemoteFile,
     cache_dir,
     download,
+    extract_checked,
     locate,
-    sha256_of,
 )
 from mtlrec.data.datasets.registry import DatasetSplits, register_dataset
 from mtlrec.errors import ConfigError, DataError
@@ -82,36 +79,8 @@ def coat_files() -> dict[str, Path]:
 
 
 def extract_members(archive: Path, target: Path) -> None:
-    """Write each needed file of the zip to ``target/<name>`` after checking its SHA-256.
-
-    Members are matched by path suffix, so a zip with a leading ``coat/`` folder (or none) works.
-    Each file is written to a temporary name and renamed, so a failed check leaves nothing behind.
-    """
-    try:
-        zf = zipfile.ZipFile(archive)
-    except zipfile.BadZipFile as exc:  # a cut-off download, or an HTML page under that name
-        raise DataError(
-            f"{archive}: not a readable zip archive ({exc}); download it again"
-        ) from None
-    with zf:
-        members = [m for m in zf.namelist() if not m.endswith("/")]
-        for name, sha in SHA256.items():
-            found = [m for m in members if m == name or m.endswith("/" + name)]
-            if not found:
-                raise DataError(f"{archive}: no member {name!r} in the Coat archive")
-            data = zf.read(min(found, key=len))
-            out = target / name
-            out.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp_name = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.")
-            tmp = Path(tmp_name)
-            try:
-                with os.fdopen(fd, "wb") as fh:
-                    fh.write(data)
-                if sha256_of(tmp) != sha:
-                    raise DataError(f"{archive}: member {name!r} fails its sha256 check")
-                os.replace(tmp, out)
-            finally:
-                tmp.unlink(missing_ok=True)
+    """Write each needed file of the Coat zip to ``target/<name>``, SHA-256 checked."""
+    extract_checked(archive, target, SHA256, "Coat")
 
 
 def _matrix(path: Path, shape: tuple[int, int]) -> np.ndarray:

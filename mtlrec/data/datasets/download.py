@@ -12,6 +12,7 @@ import os
 import shutil
 import tempfile
 import urllib.request
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -107,3 +108,36 @@ def _check(remote: RemoteFile, path: Path) -> None:
                 f"{remote.url}: {lines:,} data lines downloaded, a complete file has "
                 f"{remote.data_lines:,}"
             )
+
+
+def extract_checked(archive: Path, target: Path, sha256: dict[str, str], label: str) -> None:
+    """Write each member named in ``sha256`` of the zip ``archive`` to ``target/<name>`` after
+    checking its SHA-256 (``label`` names the dataset in errors).
+
+    Members are matched by path suffix, so a zip with a leading folder (or none) works. Each file
+    is written to a temporary name and renamed, so a failed check leaves nothing behind."""
+    try:
+        zf = zipfile.ZipFile(archive)
+    except zipfile.BadZipFile as exc:  # a cut-off download, or an HTML page under that name
+        raise DataError(
+            f"{archive}: not a readable zip archive ({exc}); download it again"
+        ) from None
+    with zf:
+        members = [m for m in zf.namelist() if not m.endswith("/")]
+        for name, sha in sha256.items():
+            found = [m for m in members if m == name or m.endswith("/" + name)]
+            if not found:
+                raise DataError(f"{archive}: no member {name!r} in the {label} archive")
+            data = zf.read(min(found, key=len))
+            out = target / name
+            out.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp_name = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.")
+            tmp = Path(tmp_name)
+            try:
+                with os.fdopen(fd, "wb") as fh:
+                    fh.write(data)
+                if sha256_of(tmp) != sha:
+                    raise DataError(f"{archive}: member {name!r} fails its sha256 check")
+                os.replace(tmp, out)
+            finally:
+                tmp.unlink(missing_ok=True)

@@ -52,9 +52,6 @@ paper above when you publish results on it.
 from __future__ import annotations
 
 import csv
-import os
-import tempfile
-import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -65,8 +62,8 @@ from mtlrec.data.datasets.download import (
     cache_dir,
     data_dir,
     download,
+    extract_checked,
     locate,
-    sha256_of,
 )
 from mtlrec.data.datasets.registry import DatasetSplits, register_dataset
 from mtlrec.errors import ConfigError, DataError, first_line
@@ -114,35 +111,8 @@ def movielens_files() -> dict[str, Path]:
 
 
 def extract_members(archive: Path, target: Path) -> None:
-    """Write each needed file of the zip to ``target/<name>`` after checking its SHA-256.
-
-    Members are matched by name suffix (the GroupLens zip has them under ``ml-100k/``). Each file
-    is written to a temporary name and renamed, so a failed check leaves nothing behind."""
-    try:
-        zf = zipfile.ZipFile(archive)
-    except zipfile.BadZipFile as exc:  # a cut-off download, or an HTML page under that name
-        raise DataError(
-            f"{archive}: not a readable zip archive ({exc}); download it again"
-        ) from None
-    with zf:
-        members = [m for m in zf.namelist() if not m.endswith("/")]
-        for name, sha in SHA256.items():
-            found = [m for m in members if m == name or m.endswith("/" + name)]
-            if not found:
-                raise DataError(f"{archive}: no member {name!r} in the MovieLens-100K archive")
-            data = zf.read(min(found, key=len))
-            out = target / name
-            out.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp_name = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.")
-            tmp = Path(tmp_name)
-            try:
-                with os.fdopen(fd, "wb") as fh:
-                    fh.write(data)
-                if sha256_of(tmp) != sha:
-                    raise DataError(f"{archive}: member {name!r} fails its sha256 check")
-                os.replace(tmp, out)
-            finally:
-                tmp.unlink(missing_ok=True)
+    """Write each needed file of the MovieLens-100K zip to ``target/<name>``, SHA-256 checked."""
+    extract_checked(archive, target, SHA256, "MovieLens-100K")
 
 
 def _table(path: Path, sep: str, columns: int) -> pd.DataFrame:
