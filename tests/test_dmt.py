@@ -152,6 +152,25 @@ def test_padding_beyond_a_history_has_no_influence():
         assert torch.allclose(a(table_a).logits, b(table_b).logits, atol=1e-5)
 
 
+def test_an_unseen_history_item_counts_as_absent(small):
+    """An item the training data never had encodes to the vocabulary's out-of-vocabulary row,
+    which is never trained: as a key it would be one random item that every unseen candidate
+    matches. DMT scores a history holding unseen items exactly as the history without them."""
+    enc, _ = small
+    model = dmt(enc).eval()
+    rows = history_frame(6, seed=9)
+    rows["clicks"] = ["m1|m2", "m3", "", "m4|m5|m6", "m7", "m8|m9"]
+    unseen = rows.assign(clicks=["m1|zz1|m2", "zz2|m3", "zz3", "m4|m5|m6|zz4", "zz5|m7", "m8|m9"])
+    with torch.no_grad():
+        expected = model(enc.transform(rows)).logits
+        got = model(enc.transform(unseen)).logits
+    assert torch.allclose(expected, got, atol=1e-6)
+    hashed = history_schema()
+    hashed.features[1].hash_buckets = 64  # hashed: no out-of-vocabulary row to leave out
+    enc_h = Encoder(hashed).fit(history_frame(50, seed=2))
+    assert (dmt(enc_h).oov_rows == -1).all()
+
+
 def test_positions_count_back_from_the_most_recent_behaviour(small):
     """Where the padding sits does not matter: [a, b, c, pad, pad] and [pad, a, pad, b, c] give
     the same interest (recency 2, 1, 0 for a, b, c), while a real token added at the end does."""
