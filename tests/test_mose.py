@@ -359,3 +359,26 @@ def test_packed_and_padded_runs_agree():
         packed = model.expert_states(steps, lengths, packed=True)
         padded = model.expert_states(steps, lengths, packed=False)
     assert torch.allclose(packed, padded, atol=1e-6)
+
+
+def test_the_default_packs_only_a_mostly_empty_stream(monkeypatch):
+    """Packing pays for short histories and costs for full ones (the packed backward zero-fills
+    the whole input per step), so the default chooses by how much of the stream is real."""
+    from mtlrec.models import sequential_experts
+
+    enc, _, _ = encoded()
+    model = mose(enc).eval()
+    calls: list[bool] = []
+    real = sequential_experts.pack_padded_sequence
+
+    def spy(*args, **kwargs):
+        calls.append(True)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(sequential_experts, "pack_padded_sequence", spy)
+    steps = torch.zeros(4, 7, model.current.out_features)
+    with torch.no_grad():
+        model.expert_states(steps, torch.tensor([0, 1, 0, 2]), None)  # 7 of 28 steps real
+        assert calls == [True]
+        model.expert_states(steps, torch.tensor([6, 5, 6, 4]), None)  # 25 of 28
+        assert calls == [True]

@@ -20,6 +20,8 @@ from mtlrec.models.registry import register
 from mtlrec.nn.experts import Gate, mix
 from mtlrec.nn.mlp import MLP
 
+PACK_BELOW = 0.5  # pack the stream when real steps fill less than this share of it (measured)
+
 
 @dataclass
 class MoSEConfig(ModelConfig):
@@ -46,9 +48,10 @@ class MoSE(MTLModel):
     followed by the current row as the last step: its categorical and bucketised embeddings, the
     other sequence features mean-pooled, and its numerics, x, projected to the step width by a
     linear layer. Rows are right-padded, so the current step is written right after each row's
-    last real token and the stream is packed (``pack_padded_sequence``): no LSTM runs over
-    padding (an exported graph runs over it and reads each row's output at its current step,
-    the same numbers), and an empty history gives a stream of the current step alone. The
+    last real token. A batch of mostly short histories is packed (``pack_padded_sequence``), so
+    no LSTM runs over its padding; a batch of mostly full ones (and an exported graph) runs
+    over the padded stream and reads each row's output at its current step, the same numbers.
+    An empty history gives a stream of the current step alone. The
     shared-bottom LSTM (``bottom_hidden``) and the K expert LSTMs (``lstm_hidden``) run over
     the stream; each expert's state after the current step is its output e_i. Task k's gate
     reads the current row, g^k = softmax(W_gk x) over the K experts, and its tower, an MLP
@@ -182,18 +185,19 @@ class MoSE(MTLModel):
     ) -> torch.Tensor:
         """[B, K, lstm_hidden]: each expert's state after the current step of each row's stream.
 
-        ``packed`` (default: unless tracing): run the LSTMs over the packed stream, so no step
-        after a row's current step is computed (measured on CPU, forward + backward: 4-11x
-        faster than the padded run for histories of 0-4 items with ``max_len`` 20-50; but slower
-        when most histories are full: a training step on movielens-100k, where 80 % of rows have
-        all ``history_len`` items, took 1.4x the padded run's time at 20 items and 2.4x at 50,
-        CPU's packed-LSTM backward zero-filling the whole input at every step). Otherwise run
-        them over every position and take
-        each row's output at its current step: the same numbers, since an LSTM's output at a
-        step depends on earlier steps only. The exporters take this path: ONNX cannot export
-        one packed sequence read by several LSTMs."""
+        ``packed``: run the LSTMs over the packed stream, so no step after a row's current step
+        is computed; otherwise run them over every position and take each row's output at its
+        current step: the same numbers (up to float rounding), since an LSTM's output at a step
+        depends on earlier steps only. Default: packed when the batch's real steps fill less
+        than ``PACK_BELOW`` of the padded stream, and never when tracing (ONNX cannot export one
+        packed sequence read by several LSTMs). Measured on CPU, forward + backward: packing
+        was 4-11x faster for histories of 0-4 items with ``max_len`` 20-50, but 1.4x slower
+        at 20 items and 2.4x at 50 on movielens-100k, where 80 % of rows have a full history
+        (the packed backward zero-fills the whole input at every step)."""
         if packed is None:
-            packed = not torch.jit.is_tracing()
+            packed = not torch.jit.is_tracing() and bool(
+                (lengths + 1).sum() < PACK_BELOW * steps.shape[0] * steps.shape[1]
+            )
         if not packed:
             h = steps
             if self.bottom is not None:
