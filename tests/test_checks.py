@@ -36,7 +36,7 @@ def test_ids_formatted_differently_in_validation_are_warned_about():
     assert len(lines) == 1
     assert lines[0].startswith(
         "warning: valid.parquet: column 'user': 100% of its values were never seen in training "
-        "(e.g. '0.0', '1.0', '2.0'; training has '0', '1', '10')"
+        "(e.g. '0.0', '1.0', '2.0'; training has '0', '1', '10'); unless they are genuinely new"
     )
 
 

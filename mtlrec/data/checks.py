@@ -48,7 +48,8 @@ def unseen_value_warnings(
         lines.append(
             f"warning: {where}: column {feat.source!r}: {share:.0%} of its values were never "
             f"seen in training (e.g. {', '.join(map(repr, examples))}; training has "
-            f"{', '.join(map(repr, known))}); check that the column has the same type and "
+            f"{', '.join(map(repr, known))}); unless they are genuinely new (users who "
+            "joined after the training period), check that the column has the same type and "
             "format in every file"
         )
     return lines
