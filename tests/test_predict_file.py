@@ -272,3 +272,23 @@ def test_mostly_unseen_values_are_warned_about(finished_run, test_csv, tmp_path)
     lines.clear()
     predict_file(finished_run, test_csv, tmp_path / "t.parquet", warn=lines.append)
     assert lines == []
+
+
+def test_kept_list_columns_are_written_to_csv_as_sequences_a_reader_reads_back(
+    finished_run, test_csv, tmp_path
+):
+    frame = pd.read_csv(test_csv, keep_default_na=False).head(6)
+    tags = [t.split("|") if t else [] for t in frame["tags"].astype(str)]
+    src = tmp_path / "lists.parquet"
+    table = pa.table(
+        {
+            **{c: frame[c].tolist() for c in frame.columns if c != "tags"},
+            "tags": pa.array(tags, pa.list_(pa.string())),
+            "seen": pa.array([[1, 2], None, [], [3], [4, 5, 6], [7]], pa.list_(pa.int64())),
+        }
+    )
+    pq.write_table(table, src)
+    out = predict_file(finished_run, src, tmp_path / "s.csv", keep=["tags", "seen"]).out
+    got = pd.read_csv(out, keep_default_na=False, dtype=str)
+    assert got["tags"].tolist() == ["|".join(t) for t in tags]  # the feature's own sep
+    assert got["seen"].tolist() == ["1|2", "", "", "3", "4|5|6", "7"]

@@ -129,6 +129,8 @@ def predict_file(
     if clash:
         raise ConfigError(f"--keep {', '.join(clash)}: the name of a prediction column")
     columns = list(dict.fromkeys(f.source for f in encoder.schema.features))
+    csv_out = out.name.lower().endswith(".csv")
+    list_seps = {f.source: f.sep for f in encoder.schema.features_of("sequence")}
     total, chunks = file_chunks(data, columns, read_rows, exact=keep, sep=sep)
     start = time.perf_counter()
     rows = 0
@@ -145,6 +147,8 @@ def predict_file(
                 if fuse is not None:
                     preds[SCORE] = fuse(preds)
                 kept = pd.DataFrame({c: frame[exact_name(c)] for c in keep}, index=frame.index)
+                if csv_out:
+                    kept = _joined_lists(kept, list_seps)
                 writer.write(pd.concat([kept, preds], axis=1).reset_index(drop=True))
                 rows += len(frame)
                 advance(len(frame))
@@ -157,6 +161,24 @@ def predict_file(
         writer.abort()
         raise
     return PredictSummary(out, rows, keep + names, time.perf_counter() - start)
+
+
+def _joined_lists(kept: pd.DataFrame, seps: dict[str, str]) -> pd.DataFrame:
+    """Kept list columns (a Parquet ``list<...>`` history) as text a CSV reader reads back: items
+    joined by the sequence feature's ``sep`` (``|`` for a column no feature reads). pandas would
+    otherwise write each row's numpy printout, ``[272 340 ...]``."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    for column in kept.columns:
+        values = kept[column]
+        first = values.first_valid_index()
+        if first is None or not isinstance(values[first], list | tuple | np.ndarray):
+            continue
+        lists = pa.array(values.to_numpy(dtype=object), from_pandas=True)
+        joined = pc.binary_join(lists.cast(pa.list_(pa.string())), seps.get(column, "|"))
+        kept[column] = joined.to_pandas().to_numpy()
+    return kept
 
 
 def _fusion(path: str | Path, schema: Schema) -> Callable[[pd.DataFrame], np.ndarray]:
