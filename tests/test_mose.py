@@ -382,3 +382,18 @@ def test_the_default_packs_only_a_mostly_empty_stream(monkeypatch):
         assert calls == [True]
         model.expert_states(steps, torch.tensor([6, 5, 6, 4]), None)  # 25 of 28
         assert calls == [True]
+
+
+def test_stream_features_whose_items_are_not_aligned_are_refused():
+    """hist and hist_cat describe the same events (aligned); a hist_cat with items missing in
+    some rows would join unrelated items into one step."""
+    from mtlrec.errors import DataError
+
+    enc, table, df = encoded()
+    model = mose(enc).train()
+    model(table)  # aligned: fine
+    shifted = df.assign(hist_cat=["|".join(h.split("|")[1:]) for h in df["hist_cat"]])
+    with pytest.raises(DataError, match=r"'hist', 'hist_cat' are read together .* not aligned"):
+        model(enc.transform(shifted))
+    mose(enc, sequence_fields="hist")(enc.transform(shifted))  # one stream feature: no check
+    model.eval()(enc.transform(shifted))  # checked in training only (export draws random rows)

@@ -14,7 +14,7 @@ from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence
 
 from mtlrec.data.table import TensorTable
-from mtlrec.errors import ConfigError
+from mtlrec.errors import ConfigError, DataError
 from mtlrec.models.base import ModelConfig, ModelOutput, MTLModel
 from mtlrec.models.registry import register
 from mtlrec.nn.experts import Gate, mix
@@ -93,6 +93,7 @@ class MoSE(MTLModel):
             start += length
         # (start, length) of each stream field / pooled field in ``batch.seq``
         self.stream_slices = [(starts[i], layout.sequence_lengths[i]) for i in stream]
+        self.stream_names = [schema.features_of("sequence")[i].name for i in stream]
         self.pooled_slices = [(starts[i], layout.sequence_lengths[i]) for i in other]
         step_dim = len(stream) * d
         row_dim = (layout.num_categorical + len(other)) * d + layout.num_numeric
@@ -159,7 +160,10 @@ class MoSE(MTLModel):
         steps = [seq_emb[:, s : s + n] * mask[:, s : s + n] for s, n in self.stream_slices]
         history = torch.cat(steps, -1) if len(steps) > 1 else steps[0]
         length = self.stream_slices[0][1]
-        occupied = torch.stack([present[:, s : s + n] for s, n in self.stream_slices], 0).any(0)
+        masks = torch.stack([present[:, s : s + n] for s, n in self.stream_slices], 0)
+        occupied = masks.any(0)
+        if self.training and len(self.stream_slices) > 1:  # data errors surface in training
+            self._check_aligned(masks)
         position = torch.arange(1, length + 1, device=batch.seq.device)
         lengths = (occupied * position).amax(1)
 
@@ -171,6 +175,20 @@ class MoSE(MTLModel):
             parts.append((e * m).sum(1) / m.sum(1).clamp_min(1.0))
         parts.append(batch.num)
         return torch.cat(parts, 1), history, lengths
+
+    def _check_aligned(self, masks: torch.Tensor) -> None:
+        """Several stream features are read as one event per step; features whose items sit at
+        different positions in a row (two unrelated histories) would be joined into steps that
+        never happened, so that is an error rather than a silent mix. Checked in training, where
+        the data is the user's; export's parity check feeds random, unaligned rows."""
+        if bool((masks != masks[0]).any()):
+            rows = (masks != masks[0]).any(0).any(1).nonzero().flatten()
+            raise DataError(
+                f"model.sequence_fields: {', '.join(map(repr, self.stream_names))} are read "
+                f"together as one event per step, but in {len(rows)} row(s) of this batch their "
+                "items sit at different positions (they are not aligned); list aligned "
+                "sequence features only, or one"
+            )
 
     def stream(self, x: torch.Tensor, history: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         """[B, L + 1, S * d]: each row's history steps, then its current step (x projected) at
