@@ -90,3 +90,15 @@ def test_the_printed_command_keeps_result_options_and_drops_paths_and_notes():
         "--runs-dir=/tmp/r", "--report-only", "--note=c", "--epochs", "3",
     ]  # fmt: skip
     assert shown_arguments(argv) == ["--parallel", "2", "--seeds", "1", "2", "--epochs", "3"]
+
+
+def test_train_command_is_one_quiet_resumable_single_thread_run_with_the_caps_last(tmp_path):
+    from mtlrec.bench.runs import train_command
+
+    cmd = train_command("movielens-100k", "dmt", 3, tmp_path / "r", 2, 500, ["--balance", "uw"])
+    assert cmd[1:4] == ["-m", "mtlrec.cli", "train"]
+    args = cmd[4:]
+    assert args[:6] == ["--dataset", "movielens-100k", "--model", "dmt", "--seed", "3"]
+    assert {"--quiet", "--resume"} <= set(args) and "train.threads=1" in args
+    assert args[-6:] == ["--balance", "uw", "--epochs", "2", "--max-rows", "500"]
+    assert "--epochs" not in train_command("d", "m", 1, tmp_path / "r")

@@ -44,6 +44,7 @@ from mtlrec.bench.runs import (
     mean_std,
     run_all,
     shown_arguments,
+    train_command,
     train_or_reuse,
     use_shared_data,
 )
@@ -74,28 +75,14 @@ def nproc() -> str:
     return str(os.cpu_count())
 
 
-def train_command(
-    model: str, balancer: str, seed: int, out: Path, epochs: int | None, max_rows: int | None
-) -> list[str]:
-    cmd = [
-        sys.executable, "-m", "mtlrec.cli", "train", "--dataset", DATASET, "--model", model,
-        "--balance", balancer, "--seed", str(seed), "--out", str(out), "--quiet",
-        "--set", "train.threads=1", "--resume",
-    ]  # fmt: skip
-    if epochs is not None:
-        cmd += ["--epochs", str(epochs)]
-    if max_rows is not None:
-        cmd += ["--max-rows", str(max_rows)]
-    return cmd
-
-
 def run_one(
     model: str, balancer: str, seed: int, args: argparse.Namespace, runs_dir: Path
 ) -> dict[str, Any]:
     """Train (or reuse) one run; return its per-run row (``status`` says whether it worked)."""
     out = runs_dir / f"{model}-{balancer}-seed{seed}"
     row: dict[str, Any] = {"model": model, "balancer": balancer, "seed": seed, "run": str(out)}
-    command = train_command(model, balancer, seed, out, args.epochs, args.max_rows)
+    extra = ["--balance", balancer]
+    command = train_command(DATASET, model, seed, out, args.epochs, args.max_rows, extra)
     return train_or_reuse(out, command, row, force=args.force, train=not args.report_only)
 
 

@@ -38,6 +38,7 @@ from mtlrec.bench.runs import (
     mean_std,
     run_all,
     shown_arguments,
+    train_command,
     train_or_reuse,
     use_shared_data,
 )
@@ -50,23 +51,12 @@ MODELS = ["shared-bottom", "mmoe", "dmt", "mose"]
 COLUMNS = [("like", "auc", True), ("like", "logloss", False), ("rating", "mse", False)]
 
 
-def train_command(model: str, seed: int, out: Path, args: argparse.Namespace) -> list[str]:
-    cmd = [
-        sys.executable, "-m", "mtlrec.cli", "train", "--dataset", DATASET, "--model", model,
-        "--seed", str(seed), "--out", str(out), "--quiet", "--set", "train.threads=1", "--resume",
-    ]  # fmt: skip
-    if args.epochs is not None:
-        cmd += ["--epochs", str(args.epochs)]
-    if args.max_rows is not None:
-        cmd += ["--max-rows", str(args.max_rows)]
-    return cmd
-
-
 def run_one(model: str, seed: int, args: argparse.Namespace, runs_dir: Path) -> dict[str, Any]:
     """Train (or reuse) one run; its row adds every test metric to ``train_or_reuse``'s."""
     out = runs_dir / f"{model}-seed{seed}"
     row: dict[str, Any] = {"model": model, "seed": seed, "run": str(out)}
-    row = train_or_reuse(out, train_command(model, seed, out, args), row, force=args.force)
+    command = train_command(DATASET, model, seed, out, args.epochs, args.max_rows)
+    row = train_or_reuse(out, command, row, force=args.force)
     if row["status"] == "ok":
         metrics = json.loads((out / "metrics.json").read_text())
         row["metrics"] = metrics[row["split"]]

@@ -42,6 +42,7 @@ from mtlrec.bench.runs import (
     mean_std,
     run_all,
     shown_arguments,
+    train_command,
     train_or_reuse,
     use_shared_data,
 )
@@ -113,26 +114,14 @@ def screen(models: list[str]) -> tuple[list[str], dict[str, str]]:
     return eligible, refused
 
 
-def train_command(model: str, seed: int, out: Path, args: argparse.Namespace) -> list[str]:
-    base, overrides, _ = VARIANTS.get(model, (model, [], ""))
-    cmd = [
-        sys.executable, "-m", "mtlrec.cli", "train", "--dataset", DATASET, "--model", base,
-        "--seed", str(seed), "--out", str(out), "--quiet", "--set", "train.threads=1", "--resume",
-    ]  # fmt: skip
-    for item in overrides:
-        cmd += ["--set", item]
-    if args.epochs is not None:
-        cmd += ["--epochs", str(args.epochs)]
-    if args.max_rows is not None:
-        cmd += ["--max-rows", str(args.max_rows)]
-    return cmd
-
-
 def run_one(model: str, seed: int, args: argparse.Namespace, runs_dir: Path) -> dict[str, Any]:
     """Train (or reuse) one run; return its row (``status`` says whether it worked)."""
     out = runs_dir / f"{model}-seed{seed}"
     row: dict[str, Any] = {"model": model, "seed": seed, "run": str(out)}
-    return train_or_reuse(out, train_command(model, seed, out, args), row, force=args.force)
+    base, overrides, _ = VARIANTS.get(model, (model, [], ""))
+    extra = [arg for item in overrides for arg in ("--set", item)]
+    command = train_command(DATASET, base, seed, out, args.epochs, args.max_rows, extra)
+    return train_or_reuse(out, command, row, force=args.force)
 
 
 def aggregate(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:

@@ -105,6 +105,30 @@ def run_all(
     return [rows[i] for i in sorted(rows)]
 
 
+def train_command(
+    dataset: str,
+    model: str,
+    seed: int,
+    out: Path,
+    epochs: int | None = None,
+    max_rows: int | None = None,
+    extra: Sequence[str] = (),
+) -> list[str]:
+    """The ``mtlrec train`` command of one benchmark run: one torch thread (``--parallel K``
+    then uses K cores), quiet, resumable; ``extra`` arguments (``--balance B``, ``--set k=v``)
+    before the caps."""
+    cmd = [
+        sys.executable, "-m", "mtlrec.cli", "train", "--dataset", dataset, "--model", model,
+        "--seed", str(seed), "--out", str(out), "--quiet", "--set", "train.threads=1", "--resume",
+        *extra,
+    ]  # fmt: skip
+    if epochs is not None:
+        cmd += ["--epochs", str(epochs)]
+    if max_rows is not None:
+        cmd += ["--max-rows", str(max_rows)]
+    return cmd
+
+
 def mean_std(mean: float | None, std: float | None) -> str:
     """A table cell: ``mean ± std`` to 4 decimals, the mean alone without a spread, ``-`` when
     there is no value."""
