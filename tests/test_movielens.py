@@ -354,3 +354,25 @@ def test_encodes_and_trains_mmoe_for_one_epoch(data_dir, tmp_path):
     found = list(numbers(metrics))
     assert found and all(math.isfinite(v) for v in found)
     assert "like" in json.dumps(metrics) and "rating" in json.dumps(metrics)
+
+
+@pytest.mark.parametrize("model", ["dmt", "mose"])
+def test_the_preset_trains_each_sequence_model(model, data_dir, tmp_path):
+    """The preset picks DMT's facets (the two histories, not the genres) and MoSE's stream (the
+    whole history in time order, which its default of every sequence feature would refuse)."""
+    from mtlrec import config as cfg
+    from mtlrec.train.run import train_run
+
+    config = cfg.resolve(
+        {
+            "dataset": {"name": "movielens-100k", "max_rows": 600},
+            "model": {"name": model},
+            "train": {"epochs": 1, "threads": 1, "progress": False},
+        }
+    )
+    lines: list[str] = []
+    train_run(config, tmp_path / "run", echo=lambda *a, **_: lines.append(" ".join(map(str, a))))
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert math.isfinite(metrics["test"]["like"]["auc"])
+    assert math.isfinite(metrics["test"]["rating"]["mse"])
+    assert not [line for line in lines if "max_len" in line or "vocab_of" in line]
