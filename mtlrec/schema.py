@@ -205,6 +205,13 @@ class Schema:
         """Position of task ``name`` in ``tasks`` (the column of labels and predictions)."""
         return self.task_names.index(self.task(name).name)
 
+    def vocabulary_owner(self, feat: Feature) -> Feature:
+        """The feature whose vocabulary (and embedding rows) ``feat`` uses: the one it names in
+        ``vocab_of``, else itself."""
+        if feat.vocab_of is None:
+            return feat
+        return next(f for f in self.features if f.name == feat.vocab_of)
+
     def features_of(self, kind: str) -> list[Feature]:
         """The features of one type (categorical, numeric or sequence), in schema order."""
         return [f for f in self.features if f.type == kind]

@@ -88,13 +88,22 @@ def sequence_warnings(encoder: Encoder, frame: pd.DataFrame, where: str) -> list
     if len(frame) == 0:
         return []
     schema = encoder.schema
+    sharing = {f.vocab_of for f in schema.features} | {
+        f.name for f in schema.features if f.vocab_of is not None
+    }
+    values: dict[str, pd.Series] = {}  # feature -> its non-empty values, each read once
+    for feat in schema.features:
+        if feat.type == "sequence" and (feat.keep == "first" or feat.name in sharing):
+            values[feat.name] = _tokens(frame[feat.source], feat, where=where)
+        elif feat.name in sharing:
+            text = _as_text(frame[feat.source])
+            values[feat.name] = text[text != ""]
     lines = []
     for feat in schema.features_of("sequence"):
         if feat.keep != "first":
             continue
-        tokens = _tokens(frame[feat.source], feat, where=where)
-        counts = np.bincount(tokens.index.to_numpy(dtype=np.int64), minlength=len(frame))
-        share = float((counts > feat.max_len).mean())
+        rows = values[feat.name].index.to_numpy(dtype=np.int64)
+        share = float((np.bincount(rows, minlength=len(frame)) > feat.max_len).mean())
         if share >= CUT_WARN:
             lines.append(
                 f"warning: {where}: column {feat.source!r}: {share:.0%} of rows have more than "
@@ -102,26 +111,18 @@ def sequence_warnings(encoder: Encoder, frame: pd.DataFrame, where: str) -> list
                 "written oldest first needs `keep: last` to keep its most recent items"
             )
     for feat in schema.features:
-        owner = next((f for f in schema.features if f.name == feat.vocab_of), None)
-        if owner is None or owner.hash_buckets:
+        owner = schema.vocabulary_owner(feat)
+        used = values.get(feat.name)
+        if owner is feat or owner.hash_buckets or used is None or used.empty:
             continue
-        values = (
-            _tokens(frame[feat.source], feat, where=where)
-            if feat.type == "sequence"
-            else _as_text(frame[feat.source])
-        )
-        values = values[values != ""]
-        if values.empty:
-            continue
-        known = set(_as_text(frame[owner.source]).unique())
-        found = values.isin(known)
+        found = used.isin(set(values[owner.name].unique()))
         share = float(found.mean())
         if share < SHARED_WARN:
+            example = values[owner.name].iloc[0] if len(values[owner.name]) else ""
             lines.append(
                 f"warning: {where}: column {feat.source!r} shares the vocabulary of "
                 f"{owner.name!r} (vocab_of), but only {share:.0%} of its values occur in column "
-                f"{owner.source!r} (e.g. {values[~found].iloc[0]!r} vs "
-                f"{_as_text(frame[owner.source]).iloc[0]!r}); check that both write the ids "
-                "the same way"
+                f"{owner.source!r} (e.g. {used[~found].iloc[0]!r} vs {example!r}); check that "
+                "both write the ids the same way"
             )
     return lines

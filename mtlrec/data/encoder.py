@@ -271,10 +271,7 @@ class Encoder:
 def needs_counts(schema: Schema, feat: Feature) -> bool:
     """Whether fitting must count ``feat``'s values: it feeds a vocabulary (its own, or its
     owner's under ``vocab_of``) rather than being numeric or hashed."""
-    if feat.type == "numeric":
-        return False
-    owner = next(f for f in schema.features if f.name == (feat.vocab_of or feat.name))
-    return not owner.hash_buckets
+    return feat.type != "numeric" and not schema.vocabulary_owner(feat).hash_buckets
 
 
 def vocabulary_state(schema: Schema, counts: dict[str, pd.Series]) -> dict[str, dict[str, Any]]:

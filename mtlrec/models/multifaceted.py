@@ -323,10 +323,9 @@ class DMT(MTLModel):
         ]
         # Each position's out-of-vocabulary row (-1 for hashed vocabularies, which have none):
         # an unseen item has no identity, so it is neither a key nor part of a pooled mean.
-        by_name = {f.name: f for f in schema.features}
         oov = []
         for i, f in enumerate(sequences):
-            hashed = by_name[f.vocab_of or f.name].hash_buckets > 0
+            hashed = schema.vocabulary_owner(f).hash_buckets > 0
             row = -1 if hashed else layout.field_offsets[layout.num_categorical + i]
             oov += [row] * layout.sequence_lengths[i]
         self.register_buffer("oov_rows", torch.tensor(oov, dtype=torch.long), persistent=False)
