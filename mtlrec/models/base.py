@@ -165,6 +165,12 @@ class MTLModel(nn.Module):
             raise ConfigError(f"model {self.name!r} needs binary tasks; {', '.join(bad)} is not")
 
 
+def option_names(option: str) -> list[str]:
+    """The feature names of a comma-separated model option (``item_fields: "item, tag"``),
+    stripped, empty entries dropped."""
+    return [n.strip() for n in option.split(",") if n.strip()]
+
+
 def build_config(kind: type[ModelConfig], values: dict[str, Any], model: str) -> ModelConfig:
     """Map a config mapping onto the model's dataclass; unknown keys are named in the error."""
     from dataclasses import fields

@@ -17,7 +17,7 @@ from torch import nn
 
 from mtlrec.data.table import TensorTable
 from mtlrec.errors import ConfigError
-from mtlrec.models.base import ModelConfig, ModelOutput, MTLModel
+from mtlrec.models.base import ModelConfig, ModelOutput, MTLModel, option_names
 from mtlrec.models.registry import register
 from mtlrec.nn.experts import Experts, Gate, experts_and_gates, mix
 from mtlrec.nn.mlp import MLP
@@ -126,10 +126,6 @@ class InterestTransformer(nn.Module):
         for block in self.decoder:
             z = block(z, h, valid)
         return z.squeeze(1)
-
-
-def _names(option: str) -> list[str]:
-    return [n.strip() for n in option.split(",") if n.strip()]
 
 
 def _target_feature(schema: Schema, option: str, facets: list[Feature], bias: set[str]) -> str:
@@ -261,7 +257,7 @@ class DMT(MTLModel):
             )
 
         names = {f.name for f in schema.features}
-        bias = _names(config.bias_features)
+        bias = option_names(config.bias_features)
         unknown = [n for n in bias if n not in names]
         if unknown:
             raise ConfigError(
@@ -272,7 +268,7 @@ class DMT(MTLModel):
         sequences = schema.features_of("sequence")
         seq_names = [f.name for f in sequences]
         if config.sequence_fields.strip():
-            wanted = _names(config.sequence_fields)
+            wanted = option_names(config.sequence_fields)
             bad = [n for n in wanted if n not in seq_names]
             if bad:
                 raise ConfigError(

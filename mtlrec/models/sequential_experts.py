@@ -15,7 +15,7 @@ from torch.nn.utils.rnn import pack_padded_sequence
 
 from mtlrec.data.table import TensorTable
 from mtlrec.errors import ConfigError, DataError
-from mtlrec.models.base import ModelConfig, ModelOutput, MTLModel
+from mtlrec.models.base import ModelConfig, ModelOutput, MTLModel, option_names
 from mtlrec.models.registry import register
 from mtlrec.nn.experts import Gate, mix
 from mtlrec.nn.mlp import MLP
@@ -126,7 +126,7 @@ class MoSE(MTLModel):
                 "model 'mose' runs its experts over a user's history: it needs at least one "
                 "sequence feature (type: sequence), and the schema has none"
             )
-        wanted = [n.strip() for n in option.split(",") if n.strip()] or names
+        wanted = option_names(option) or names
         kinds = {f.name: f.type for f in schema.features}
         for name in wanted:
             if name not in names:
