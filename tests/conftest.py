@@ -25,6 +25,18 @@ def _isolated_cache(tmp_path_factory, monkeypatch):
     monkeypatch.setenv("MTLREC_CACHE", str(tmp_path_factory.mktemp("cache")))
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op thread for a module of tiny tensors: more threads only add overhead (and spin
+    on a busy machine). Use with ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def data_dir() -> Path:
     value = os.environ.get("MTLREC_DATA_DIR")

@@ -46,13 +46,7 @@ STATEFUL = ["uw", "dwa", "gradnorm", "rlw", "dbmtl", "famo"]
 STATEFUL += ["pcgrad", "gradvac", "nashmtl", "metabalance"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny tensors: intra-op threads only add overhead (and spin on a busy machine)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -22,12 +22,7 @@ ITEMS = 40
 SMALL = {"embed_dim": 8, "num_heads": 2, "expert_hidden": [16], "tower_hidden": [8]}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def history_frame(n: int, seed: int, clicks: int = 8, carts: int = 4) -> pd.DataFrame:

@@ -44,12 +44,7 @@ SCHEMAS = {
 }
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_funnels(rows: int = 288, seed: int = 11) -> dict[str, tuple]:

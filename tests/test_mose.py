@@ -27,12 +27,7 @@ FILLER = [f"t{i}" for i in range(2, 10)]
 SMALL = {"embed_dim": 8, "bottom_hidden": 16, "lstm_hidden": 16, "num_experts": 3}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def schema(max_len: int = 6, second: bool = True, other_len: int | None = None) -> Schema:
