@@ -67,6 +67,41 @@ def train_steps(model: MTLModel, table: TensorTable, steps: int, lr: float = 0.0
     return history
 
 
+def balancer_steps(
+    model: MTLModel, table: TensorTable, balancer_name: str, steps: int, batch_size: int = 96
+) -> tuple[list[torch.nn.Parameter], list[bool]]:
+    """Train ``model`` with the balancer ``balancer_name`` for ``steps`` steps over shuffled
+    batches (Adam at lr 0.01, or the optimizer the balancer brings), asserting one finite loss per
+    task and a finite total at every step. Returns the trainable parameters and, for each,
+    whether the steps changed it."""
+    import math
+
+    from mtlrec.balance import build_balancer
+    from mtlrec.balance.grads import trainable
+
+    balancer = build_balancer(balancer_name, model)
+    params = trainable(model.parameters())
+    optimizer = balancer.make_optimizer(params, lr=0.01, weight_decay=0.0) or torch.optim.Adam(
+        params, lr=0.01
+    )
+    before = [p.detach().clone() for p in params]
+    generator = torch.Generator().manual_seed(0)
+    done = 0
+    for batch in table.batches(batch_size, shuffle=True, generator=generator):
+        out = model(batch)
+        losses = model.task_losses(out, batch)
+        assert losses.shape == (model.num_tasks,)
+        assert torch.isfinite(losses).all(), losses
+        optimizer.zero_grad(set_to_none=True)
+        assert math.isfinite(float(balancer.backward(losses, out.aux_loss)))
+        optimizer.step()
+        done += 1
+        if done == steps:
+            break
+    assert done == steps
+    return params, [not torch.equal(p.detach(), b) for p, b in zip(params, before)]
+
+
 def assert_learns_funnel_signal(model: MTLModel, train: TensorTable, valid: TensorTable) -> None:
     """120 steps on the planted funnel (tests/conftest.py) lower the loss and reach validation
     AUC > 0.75 on click and on purchase among clicked rows."""

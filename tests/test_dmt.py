@@ -9,14 +9,18 @@ import pytest
 import torch
 
 import mtlrec.models.multifaceted  # noqa: F401  (registers "dmt")
-from mtlrec.balance import build_balancer
 from mtlrec.data.encoder import Encoder
 from mtlrec.errors import ConfigError
 from mtlrec.models import build_model
 from mtlrec.models.multifaceted import DMT
 from mtlrec.schema import Schema
 from mtlrec.train.metrics import auc
-from tests.model_properties import assert_own_gradients, assert_partition, train_steps
+from tests.model_properties import (
+    assert_own_gradients,
+    assert_partition,
+    balancer_steps,
+    train_steps,
+)
 
 ITEMS = 40
 SMALL = {"embed_dim": 8, "num_heads": 2, "expert_hidden": [16], "tower_hidden": [8]}
@@ -336,23 +340,9 @@ def test_parameter_groups_and_a_gradient_surgery_balancer(small):
     assert groups == tower_ids
     assert_own_gradients(model, table.head(128))
 
-    balancer = build_balancer("pcgrad", model)
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.Adam(params, lr=0.01)
-    before = [p.detach().clone() for p in params]
-    gen = torch.Generator().manual_seed(0)
     model.train()
-    for step, batch in enumerate(table.batches(96, shuffle=True, generator=gen)):
-        out = model(batch)
-        losses = model.task_losses(out, batch)
-        optimizer.zero_grad(set_to_none=True)
-        total = balancer.backward(losses, out.aux_loss)
-        assert np.isfinite(float(total))
-        optimizer.step()
-        if step == 3:
-            break
+    params, moved = balancer_steps(model, table, "pcgrad", 4)
     assert all(torch.isfinite(p).all() for p in params)
-    moved = [not torch.equal(p.detach(), b) for p, b in zip(params, before)]
     assert sum(moved) > len(params) // 2
 
 

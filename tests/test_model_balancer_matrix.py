@@ -12,20 +12,19 @@ the device), which is how the CUDA path of every pair is checked where a GPU is 
 
 from __future__ import annotations
 
-import math
 import os
 
 import numpy as np
 import pytest
 import torch
 
-from mtlrec.balance import build_balancer, describe_balancers
-from mtlrec.balance.grads import trainable
+from mtlrec.balance import describe_balancers
 from mtlrec.data.encoder import Encoder
 from mtlrec.errors import ConfigError
 from mtlrec.models import MTLModel, build_model, describe_models
 from mtlrec.schema import Schema
 from tests.conftest import FUNNEL_SCHEMA, funnel_frame
+from tests.model_properties import balancer_steps
 
 MODELS = list(describe_models())
 BALANCERS = list(describe_balancers())
@@ -86,30 +85,10 @@ def test_model_trains_with_balancer(model_name, balancer_name, funnels):
     torch.manual_seed(0)
     model, table = build_on_first_fit(model_name, funnels)
     model, table = model.to(DEVICE), table.to(DEVICE)
-    balancer = build_balancer(balancer_name, model)
-    params = trainable(model.parameters())
-    optimizer = balancer.make_optimizer(params, lr=0.01, weight_decay=0.0) or torch.optim.Adam(
-        params, lr=0.01
-    )
-    before = [p.detach().clone() for p in params]
-    gen = torch.Generator().manual_seed(0)
-    steps = 0
-    for batch in table.batches(96, shuffle=True, generator=gen):
-        out = model(batch)
-        losses = model.task_losses(out, batch)
-        assert losses.shape == (model.num_tasks,)
-        assert torch.isfinite(losses).all(), losses
-        optimizer.zero_grad(set_to_none=True)
-        total = balancer.backward(losses, out.aux_loss)
-        assert math.isfinite(float(total))
-        optimizer.step()
-        steps += 1
-        if steps == STEPS:
-            break
-    assert steps == STEPS
+    params, moved = balancer_steps(model, table, balancer_name, STEPS)
     assert all(p.device.type == DEVICE.type for p in params)
     assert all(torch.isfinite(p).all() for p in params)
-    assert any(not torch.equal(p.detach(), b) for p, b in zip(params, before))
+    assert any(moved)
 
 
 @pytest.mark.parametrize("name", MODELS)

@@ -12,15 +12,18 @@ import pandas as pd
 import pytest
 import torch
 
-from mtlrec.balance import build_balancer
-from mtlrec.balance.grads import trainable
 from mtlrec.data.encoder import Encoder
 from mtlrec.errors import ConfigError
 from mtlrec.models import build_model
 from mtlrec.models import sequential_experts as _mose  # noqa: F401  (runs @register("mose"))
 from mtlrec.schema import Feature, Schema, Task
 from mtlrec.train.metrics import auc
-from tests.model_properties import assert_own_gradients, assert_partition, train_steps
+from tests.model_properties import (
+    assert_own_gradients,
+    assert_partition,
+    balancer_steps,
+    train_steps,
+)
 
 A, B = "t0", "t1"
 FILLER = [f"t{i}" for i in range(2, 10)]
@@ -275,24 +278,9 @@ def test_trains_with_gradient_balancers(balancer_name):
     """As tests/test_model_balancer_matrix.py drives a pair: three steps, finite, weights move."""
     enc, table, _ = encoded(rows=288, seed=8)
     model = mose(enc, dropout=0.1)
-    balancer = build_balancer(balancer_name, model)
-    params = trainable(model.parameters())
-    optimizer = balancer.make_optimizer(params, lr=0.01, weight_decay=0.0) or torch.optim.Adam(
-        params, lr=0.01
-    )
-    before = [p.detach().clone() for p in params]
-    gen = torch.Generator().manual_seed(0)
-    for step, batch in enumerate(table.batches(96, shuffle=True, generator=gen)):
-        out = model(batch)
-        losses = model.task_losses(out, batch)
-        assert torch.isfinite(losses).all()
-        optimizer.zero_grad(set_to_none=True)
-        assert np.isfinite(float(balancer.backward(losses, out.aux_loss)))
-        optimizer.step()
-        if step == 2:
-            break
+    params, changed = balancer_steps(model, table, balancer_name, 3)
     assert all(torch.isfinite(p).all() for p in params)
-    moved = {id(p) for p, b in zip(params, before) if not torch.equal(p.detach(), b)}
+    moved = {id(p) for p, c in zip(params, changed) if c}
     assert id(model.experts[0].weight_hh_l0) in moved and id(model.bottom.weight_ih_l0) in moved
 
 
