@@ -92,6 +92,13 @@ class TaskGrads:
                 present[t] = True
         return present
 
+    def present_on(self, device: torch.device | str = "cpu") -> torch.Tensor:
+        """[T] bool on ``device``: :attr:`present`, or every task when it was not set (a
+        ``TaskGrads`` built directly rather than by :meth:`GradientBalancer.backward`)."""
+        if self.present is None:
+            return torch.ones(self.matrix.shape[0], dtype=torch.bool, device=device)
+        return self.present.to(device)
+
     @property
     def sizes(self) -> list[int]:
         return [p.numel() for p in self.shared]

@@ -76,9 +76,7 @@ class MetaBalance(GradientBalancer):
         if self.norms is None or self.norms.shape != current.shape:
             self.norms = torch.zeros_like(current)
         beta = self.config.beta
-        used = grads.used.to(current.device)
-        if grads.present is not None:
-            used = used & grads.present.to(current.device)[:, None]
+        used = grads.used.to(current.device) & grads.present_on(current.device)[:, None]
         self.norms = torch.where(used, beta * self.norms + (1 - beta) * current, self.norms)
         target = self.norms[:1]
         ratio = torch.where(target > 0, target / (self.norms + 1e-5), torch.ones_like(self.norms))

@@ -272,11 +272,7 @@ class NashMTL(_Weighted):
         self._solved_for: torch.Tensor | None = None  # the present tasks alpha was solved for
 
     def combine(self, grads: TaskGrads, losses: torch.Tensor):
-        present = (
-            grads.present
-            if grads.present is not None
-            else torch.ones(self.num_tasks, dtype=torch.bool)
-        )
+        present = grads.present_on()
         if (
             self._solution is None
             or self._step % self.config.update_weights_every == 0

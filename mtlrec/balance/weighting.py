@@ -340,8 +340,7 @@ class GradNorm(GradientBalancer):
 
     def combine(self, grads: TaskGrads, losses: torch.Tensor):
         w = self.w.param.detach().clone()
-        present = grads.present
-        present = torch.ones_like(w, dtype=torch.bool) if present is None else present.to(w.device)
+        present = grads.present_on(w.device)
         if self._initial is None:
             self._initial = torch.full_like(losses, float("nan"))
         self._initial = torch.where(present & self._initial.isnan(), losses, self._initial)
@@ -464,9 +463,7 @@ class DualBalancing(GradientBalancer):
             self._buffer, self._step = torch.zeros_like(g), 0
         self._step += 1
         beta = self.config.beta / self._step**self.config.beta_sigma
-        present = grads.present
-        present = torch.ones(g.shape[0], dtype=torch.bool) if present is None else present
-        present = present.to(g.device)
+        present = grads.present_on(g.device)
         updated = beta * self._buffer + (1.0 - beta) * g
         self._buffer = torch.where(present[:, None], updated, self._buffer)
         norms = self._buffer.norm(dim=1)
