@@ -377,3 +377,42 @@ def test_traced_eval_model_matches_eager(small):
         check = example_inputs(enc.layout(), rows=32, seed=1)
         for got, want in zip(traced(*check), module(*check)):
             assert torch.allclose(got, want, atol=1e-6)
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::torch.jit.TracerWarning")
+def test_scoring_a_file_without_the_bias_columns(tmp_path):
+    """The bias features (position...) exist in the training log only: `predict` on a run or
+    an export scores a file without them exactly as the file with them, and a missing column
+    that the main network reads is still an error naming it."""
+    from mtlrec import config as cfg
+    from mtlrec.errors import DataError
+    from mtlrec.serve.export import export_run
+    from mtlrec.train.predict_file import predict_file
+    from mtlrec.train.run import train_run
+    from tests.conftest import files_dataset
+
+    frames = {"train": history_frame(300, 1), "valid": history_frame(100, 2)}
+    dataset = files_dataset(tmp_path / "data", frames, history_schema().to_dict())
+    config = cfg.resolve(
+        {
+            "dataset": dataset,
+            "model": {"name": "dmt", "bias_features": "pos", **SMALL},
+            "train": {"epochs": 1, "batch_size": 128, "seed": 0, "threads": 1},
+        }
+    )
+    train_run(config, tmp_path / "run", echo=lambda *_: None)
+    scored = history_frame(50, 3)
+    with_pos, without_pos = tmp_path / "with.csv", tmp_path / "without.csv"
+    scored.to_csv(with_pos, index=False)
+    scored.drop(columns=["pos"]).to_csv(without_pos, index=False)
+    folders = [tmp_path / "run", export_run(tmp_path / "run", "torchscript", tmp_path / "export")]
+    for folder in folders:
+        want = predict_file(folder, with_pos, tmp_path / "a.csv")
+        got = predict_file(folder, without_pos, tmp_path / "b.csv")
+        assert got.columns == want.columns and got.rows == 50
+        pd.testing.assert_frame_equal(
+            pd.read_csv(tmp_path / "b.csv"), pd.read_csv(tmp_path / "a.csv")
+        )
+    scored.drop(columns=["price"]).to_csv(tmp_path / "no_price.csv", index=False)
+    with pytest.raises(DataError, match="'price'"):
+        predict_file(tmp_path / "run", tmp_path / "no_price.csv", tmp_path / "c.csv")

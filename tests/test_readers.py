@@ -3,7 +3,7 @@ import gzip
 import pandas as pd
 import pytest
 
-from mtlrec.data.readers import read_frame
+from mtlrec.data.readers import file_columns, read_frame
 from mtlrec.errors import DataError
 
 
@@ -113,3 +113,20 @@ def test_a_name_that_only_looks_renamed_is_fine(tmp_path):
     path = tmp_path / "ok.csv"
     path.write_text("price,price.1\n1,2\n")
     assert list(read_frame(path).columns) == ["price", "price.1"]
+
+
+def test_file_columns_of_csv_parquet_and_folder_without_reading_rows(tmp_path):
+    frame = pd.DataFrame({"a": list("abc"), " b": range(3)})
+    frame.to_csv(tmp_path / "f.csv", sep=";", index=False)
+    frame.to_parquet(tmp_path / "f.parquet")
+    (tmp_path / "folder").mkdir()
+    frame.to_parquet(tmp_path / "folder" / "part-0.parquet")
+    assert file_columns(tmp_path / "f.csv", sep=";") == ["a", "b"]  # stripped, like read_frame
+    assert file_columns(tmp_path / "f.parquet") == ["a", "b"]
+    assert file_columns(tmp_path / "folder") == ["a", "b"]
+    (tmp_path / "bad.parquet").write_bytes(b"not parquet")
+    with pytest.raises(DataError, match="bad.parquet: cannot read Parquet"):
+        file_columns(tmp_path / "bad.parquet")
+    for missing in ("missing.csv", "missing.parquet"):
+        with pytest.raises(DataError, match=f"{missing}: file not found"):
+            file_columns(tmp_path / missing)

@@ -130,6 +130,28 @@ def is_parquet(path: str | Path) -> bool:
     return "".join(p.suffixes).lower().endswith(PARQUET_SUFFIXES)
 
 
+def file_columns(path: str | Path, sep: str = ",") -> list[str]:
+    """The column names of a CSV (its header line) or Parquet file or folder, without reading
+    the rows."""
+    path = Path(path)
+    if not path.exists():
+        raise DataError(f"{path}: file not found")
+    if not is_parquet(path):
+        return list(read_frame(path, sep=sep, max_rows=0).columns)
+    import pyarrow.parquet as pq
+
+    try:
+        if path.is_dir():
+            import pyarrow.dataset as ds
+
+            names = ds.dataset(str(path), format="parquet").schema.names
+        else:
+            names = pq.ParquetFile(path).schema_arrow.names
+    except (OSError, ValueError) as exc:  # pyarrow's ArrowInvalid is a ValueError
+        raise DataError(f"{path}: cannot read Parquet ({first_line(exc)})") from exc
+    return [str(c).strip() for c in names]  # as read_frame names them
+
+
 def require_columns(frame: pd.DataFrame, columns: list[str], where: str | Path) -> None:
     missing = [c for c in columns if c not in frame.columns]
     if missing:

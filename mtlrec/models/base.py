@@ -158,6 +158,11 @@ class MTLModel(nn.Module):
         own = {id(p) for group in self.task_parameters() for p in group}
         return [p for p in self.parameters() if id(p) not in own]
 
+    def training_only_features(self) -> tuple[str, ...]:
+        """Schema features the model reads in training only (DMT's bias network over position,
+        page...): scoring neither reads them nor needs the file or request to carry them."""
+        return ()
+
     def require_binary_chain(self) -> None:
         """Cascade models need binary tasks; a regression task cannot be a funnel step."""
         bad = [t.name for t in self.schema.tasks if t.type != "binary"]

@@ -265,6 +265,7 @@ class DMT(MTLModel):
                 f"schema; features are {', '.join(f.name for f in schema.features)}"
             )
         bias_set = set(bias)
+        self.bias_features = tuple(bias)
         sequences = schema.features_of("sequence")
         seq_names = [f.name for f in sequences]
         if config.sequence_fields.strip():
@@ -347,6 +348,10 @@ class DMT(MTLModel):
         self.bias_net = (
             MLP(bias_dim, config.bias_hidden, 1, dropout=config.dropout) if bias_set else None
         )
+
+    def training_only_features(self) -> tuple[str, ...]:
+        """The bias features: the bias network runs in training only."""
+        return self.bias_features
 
     def forward(self, batch: TensorTable) -> ModelOutput:
         cat = self.embedding.lookup(batch.cat)  # [B, C, D]

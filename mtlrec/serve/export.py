@@ -197,6 +197,7 @@ def _metadata(
         "model_file": model_path.name,
         "model": model_cfg.pop("name", model.name),
         "model_options": model_cfg,
+        "training_only_features": list(model.training_only_features()),
         "tasks": [
             {"name": t.name, "type": t.type, "depends_on": t.depends_on} for t in model.schema.tasks
         ],

@@ -36,6 +36,7 @@ class Predictor:
     predict: Predict
     path: Path
     fusion_file: Path | None = None  # an export folder carries its fusion config
+    training_only: tuple[str, ...] = ()  # features the model reads in training only
 
 
 def load_predictor(path: str | Path) -> Predictor:
@@ -49,7 +50,14 @@ def load_predictor(path: str | Path) -> Predictor:
         from mtlrec.train.run import load_run
 
         config, encoder, model = load_run(path)
-        pred = Predictor(encoder, config["model"]["name"], "run", eager_predict(model), path)
+        pred = Predictor(
+            encoder,
+            config["model"]["name"],
+            "run",
+            eager_predict(model),
+            path,
+            training_only=model.training_only_features(),
+        )
     return pred
 
 
@@ -90,7 +98,13 @@ def _load_export(folder: Path) -> Predictor:
     predict = load_torchscript(model_file) if fmt == "torchscript" else load_onnx(model_file)
     fusion = folder / FUSION_FILE
     return Predictor(
-        encoder, meta["model"], fmt, predict, folder, fusion if fusion.exists() else None
+        encoder,
+        meta["model"],
+        fmt,
+        predict,
+        folder,
+        fusion if fusion.exists() else None,
+        tuple(meta.get("training_only_features", ())),  # exports before this key: none
     )
 
 

@@ -32,6 +32,7 @@ import pandas as pd
 from mtlrec.config import TrainConfig
 from mtlrec.data.checks import unseen_in_file_warnings
 from mtlrec.data.encoder import Encoder
+from mtlrec.data.readers import file_columns
 from mtlrec.data.stream import READ_ROWS, exact_name, file_chunks
 from mtlrec.data.table import TensorTable
 from mtlrec.errors import ConfigError
@@ -117,7 +118,7 @@ def predict_file(
     source = Path(data).resolve()
     if out.resolve() == source or source in out.resolve().parents:
         raise ConfigError(f"--out {out}: it would overwrite the input {data}; write elsewhere")
-    encoder, model, default_batch, sep = _load(Path(run_dir))
+    encoder, model, default_batch, sep, training_only = _load(Path(run_dir))
     if batch_size is not None and (isinstance(batch_size, bool) or batch_size < 1):
         raise ConfigError(f"--batch-size {batch_size}: must be at least 1")
     batch = int(batch_size or default_batch)
@@ -129,6 +130,8 @@ def predict_file(
     if clash:
         raise ConfigError(f"--keep {', '.join(clash)}: the name of a prediction column")
     columns = list(dict.fromkeys(f.source for f in encoder.schema.features))
+    absent = absent_training_only(encoder.schema, training_only, data, sep)
+    columns = [c for c in columns if c not in absent]
     csv_out = out.name.lower().endswith(".csv")
     list_seps = {f.source: f.sep for f in encoder.schema.features_of("sequence")}
     total, chunks = file_chunks(data, columns, read_rows, exact=keep, sep=sep)
@@ -138,6 +141,8 @@ def predict_file(
     try:
         with _ProgressBar(progress, total) as advance:
             for where, first_row, frame in chunks:
+                for column in absent:  # read as missing, like an absent field in a request
+                    frame[column] = ""
                 if rows == 0 and warn is not None:
                     for line in unseen_in_file_warnings(encoder, frame, where, first_row):
                         warn(line)
@@ -201,17 +206,44 @@ def _fusion(path: str | Path, schema: Schema) -> Callable[[pd.DataFrame], np.nda
     return fused
 
 
-def _load(path: Path) -> tuple[Encoder, MTLModel | Score, int, str]:
+def absent_training_only(
+    schema: Schema, training_only: Sequence[str], data: str | Path, sep: str
+) -> list[str]:
+    """Source columns missing from ``data`` that only training-only features read (DMT's bias
+    features): scoring fills them as missing instead of refusing the file."""
+    if not training_only:
+        return []
+    readers: dict[str, set[str]] = {}
+    for f in schema.features:
+        readers.setdefault(f.source, set()).add(f.name)
+    optional = [c for c, names in readers.items() if names <= set(training_only)]
+    present = set(file_columns(data, sep)) if optional else set()
+    return [c for c in optional if c not in present]
+
+
+def _load(path: Path) -> tuple[Encoder, MTLModel | Score, int, str, tuple[str, ...]]:
     """A run directory's model, or an export folder's graph (its loader is imported only then:
-    the serving code stays out of the core package otherwise), its evaluation batch and the CSV
-    separator its training files had (an export: a comma)."""
+    the serving code stays out of the core package otherwise), its evaluation batch, the CSV
+    separator its training files had (an export: a comma) and its training-only features."""
     if (path / "metadata.json").exists():  # mtlrec.serve.predictor.METADATA
         from mtlrec.serve.predictor import load_predictor
 
         predictor = load_predictor(path)
-        return predictor.encoder, predictor.predict, TrainConfig.eval_batch_size, ","
+        return (
+            predictor.encoder,
+            predictor.predict,
+            TrainConfig.eval_batch_size,
+            ",",
+            predictor.training_only,
+        )
     config, encoder, model = load_run(path)
-    return encoder, model, eval_batch_size(config), csv_separator(config)
+    return (
+        encoder,
+        model,
+        eval_batch_size(config),
+        csv_separator(config),
+        model.training_only_features(),
+    )
 
 
 class _AtomicWriter:
