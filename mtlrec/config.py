@@ -374,6 +374,13 @@ def as_str(value: Any, key: str) -> str:
 _TYPED = {int: as_int, float: as_float, bool: as_bool, str: as_str}
 
 
+def like_default(default: Any, value: Any, key: str) -> Any:
+    """``value`` converted to the type of ``default`` when that is an int, float, bool or str
+    (an error naming ``key`` otherwise); left alone for any other default (None, a tuple...)."""
+    convert = _TYPED.get(type(default))
+    return value if convert is None else convert(value, key)
+
+
 def split_named(section: dict[str, Any], what: str) -> tuple[str, dict[str, Any]]:
     """``{name: x, ...options}`` -> (x, options)."""
     options = dict(section or {})

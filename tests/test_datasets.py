@@ -90,6 +90,29 @@ def test_unknown_dataset_option_is_named():
         load_dataset("synthetic-mmoe", colour="red")
 
 
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"n": "abc"}, "dataset.n must be an integer, got 'abc'"),
+        ({"n": 1.5}, "dataset.n must be an integer"),
+        ({"p": "0.5x"}, "dataset.p must be a number"),
+        ({"noise": True}, "dataset.noise must be a number"),
+    ],
+)
+def test_option_values_of_the_wrong_type_name_the_key(options, message):
+    """--set passes text the YAML reader could not type: each option takes its default's type,
+    or the error names it (these were tracebacks deep inside the generator)."""
+    with pytest.raises(ConfigError, match=message):
+        load_dataset("synthetic-mmoe", **options)
+
+
+def test_option_values_take_their_defaults_type():
+    typed = load_dataset("synthetic-mmoe", n=300.0, d=4.0, noise="1e-2", max_rows=None)
+    plain = load_dataset("synthetic-mmoe", n=300, d=4, noise=0.01, max_rows=None)
+    pd.testing.assert_frame_equal(typed.train, plain.train)
+    assert typed.train.shape[1] == plain.train.shape[1]
+
+
 def test_missing_file_without_url_says_where_to_put_it(tmp_path, monkeypatch):
     monkeypatch.setenv("MTLREC_DATA_DIR", str(tmp_path))
     with pytest.raises(DataError, match="place the file there"):

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import inspect
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import pandas as pd
 
+from mtlrec.config import like_default
 from mtlrec.errors import ConfigError
 from mtlrec.schema import Schema
 from mtlrec.text import summary
@@ -48,7 +49,14 @@ def load_dataset(name: str, *, max_rows: int | None = None, seed: int = 2024, **
             f"unknown key(s) dataset.{', dataset.'.join(unknown)} for dataset {name!r}; "
             f"allowed: {', '.join(['name', 'max_rows', *allowed])}"
         )
-    return fn(max_rows=max_rows, seed=seed, **options)
+    return fn(max_rows=max_rows, seed=seed, **typed_options(options, params))
+
+
+def typed_options(options: dict[str, Any], params: Mapping[str, inspect.Parameter]) -> dict:
+    """Each option converted to the type of the loader's default (an int, float, bool or str
+    default; ``None`` defaults such as paths are left alone), so ``--set dataset.n=abc`` is an
+    error naming ``dataset.n`` and ``dataset.valid_fraction=1e-1`` (text to YAML) is 0.1."""
+    return {k: like_default(params[k].default, v, f"dataset.{k}") for k, v in options.items()}
 
 
 def describe_datasets() -> dict[str, str]:
