@@ -382,13 +382,13 @@ def test_traced_eval_model_matches_eager(small):
 @pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::torch.jit.TracerWarning")
 def test_scoring_a_file_without_the_bias_columns(tmp_path):
     """The bias features (position...) exist in the training log only: `predict` on a run or
-    an export scores a file without them exactly as the file with them, and a missing column
-    that the main network reads is still an error naming it."""
+    an export, and `evaluate --data`, score a file without them exactly as the file with them;
+    a missing column that the main network reads is still an error naming it."""
     from mtlrec import config as cfg
     from mtlrec.errors import DataError
     from mtlrec.serve.export import export_run
     from mtlrec.train.predict_file import predict_file
-    from mtlrec.train.run import train_run
+    from mtlrec.train.run import evaluate_run, train_run
     from tests.conftest import files_dataset
 
     frames = {"train": history_frame(300, 1), "valid": history_frame(100, 2)}
@@ -413,6 +413,8 @@ def test_scoring_a_file_without_the_bias_columns(tmp_path):
         pd.testing.assert_frame_equal(
             pd.read_csv(tmp_path / "b.csv"), pd.read_csv(tmp_path / "a.csv")
         )
+    metrics = [evaluate_run(tmp_path / "run", str(f)) for f in (with_pos, without_pos)]
+    assert metrics[0]["with.csv"] == metrics[1]["without.csv"]
     scored.drop(columns=["price"]).to_csv(tmp_path / "no_price.csv", index=False)
     with pytest.raises(DataError, match="'price'"):
         predict_file(tmp_path / "run", tmp_path / "no_price.csv", tmp_path / "c.csv")

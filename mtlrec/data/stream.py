@@ -48,7 +48,7 @@ from mtlrec.data.encoder import (
     needs_counts,
     vocabulary_state,
 )
-from mtlrec.data.readers import is_parquet, parquet_columns, read_frame
+from mtlrec.data.readers import file_columns, is_parquet, parquet_columns, read_frame
 from mtlrec.data.table import TensorTable
 from mtlrec.errors import DataError, first_line
 from mtlrec.schema import Schema
@@ -202,6 +202,21 @@ def file_chunks(
     for name in dict.fromkeys(exact):
         frame[exact_name(name)] = frame[name]
     return len(frame), iter([(str(path), 0, frame)])
+
+
+def absent_training_only(
+    schema: Schema, training_only: Sequence[str], data: str | Path, sep: str
+) -> list[str]:
+    """Source columns missing from ``data`` that only training-only features read (DMT's bias
+    features): scoring fills them as missing instead of refusing the file."""
+    if not training_only:
+        return []
+    readers: dict[str, set[str]] = {}
+    for f in schema.features:
+        readers.setdefault(f.source, set()).add(f.name)
+    optional = [c for c, names in readers.items() if names <= set(training_only)]
+    present = set(file_columns(data, sep)) if optional else set()
+    return [c for c in optional if c not in present]
 
 
 def exact_name(column: str) -> str:

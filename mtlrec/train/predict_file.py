@@ -32,8 +32,7 @@ import pandas as pd
 from mtlrec.config import TrainConfig
 from mtlrec.data.checks import unseen_in_file_warnings
 from mtlrec.data.encoder import Encoder
-from mtlrec.data.readers import file_columns
-from mtlrec.data.stream import READ_ROWS, exact_name, file_chunks
+from mtlrec.data.stream import READ_ROWS, absent_training_only, exact_name, file_chunks
 from mtlrec.data.table import TensorTable
 from mtlrec.errors import ConfigError
 from mtlrec.models import MTLModel
@@ -204,21 +203,6 @@ def _fusion(path: str | Path, schema: Schema) -> Callable[[pd.DataFrame], np.nda
         return np.where(np.isfinite(score), score, np.nan)  # the service's null (e.g. log(0))
 
     return fused
-
-
-def absent_training_only(
-    schema: Schema, training_only: Sequence[str], data: str | Path, sep: str
-) -> list[str]:
-    """Source columns missing from ``data`` that only training-only features read (DMT's bias
-    features): scoring fills them as missing instead of refusing the file."""
-    if not training_only:
-        return []
-    readers: dict[str, set[str]] = {}
-    for f in schema.features:
-        readers.setdefault(f.source, set()).add(f.name)
-    optional = [c for c, names in readers.items() if names <= set(training_only)]
-    present = set(file_columns(data, sep)) if optional else set()
-    return [c for c in optional if c not in present]
 
 
 def _load(path: Path) -> tuple[Encoder, MTLModel | Score, int, str, tuple[str, ...]]:
