@@ -275,9 +275,12 @@ def cell(mean: float, std: float | None, digits: int = 2) -> str:
 
 def write_markdown(path: Path, results: dict[str, Any], args: argparse.Namespace) -> None:
     from mtlrec.bench.hardware import describe
+    from mtlrec.bench.runs import shown_arguments
 
     agg = results["aggregate"]
-    command = "python benchmarks/fusion_rl/run.py " + shlex.join(_shown(sys.argv[1:]))
+    command = "python benchmarks/fusion_rl/run.py " + shlex.join(
+        [a for a in shown_arguments(sys.argv[1:]) if a != "--force"]  # --force only retrains
+    )
     lines = [
         "# BatchRL-MTF on semi-synthetic MovieLens-100K sessions",
         "",
@@ -346,21 +349,6 @@ def write_markdown(path: Path, results: dict[str, Any], args: argparse.Namespace
         lines += ["", "## Notes", "", *(f"- {note}" for note in args.note)]
     lines.append("")
     path.write_text("\n".join(lines))
-
-
-def _shown(argv: list[str]) -> list[str]:
-    shown, skip = [], False
-    for arg in argv:
-        if skip:
-            skip = False
-        elif arg in ("--results-dir", "--runs-dir", "--note"):
-            skip = True
-        elif not arg.startswith(("--results-dir=", "--runs-dir=", "--note=")) and arg not in (
-            "--force",
-            "--report-only",
-        ):
-            shown.append(arg)
-    return shown
 
 
 def main() -> None:
