@@ -17,7 +17,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from mtlrec.errors import MTLRecError, first_line
+from mtlrec.errors import MTLRecError, first_line, make_dir
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
 console = Console()
@@ -251,6 +251,7 @@ def sweep(
                 train_args += [flag, str(value)]
         for item in set_ or []:
             train_args += ["--set", item]
+        make_dir(out, "--out")  # before any run starts: a path through a file fails here
     except MTLRecError as exc:
         _fail(exc)
     err.print(f"sweep: {len(jobs)} runs, {parallel} at a time, in {out}", highlight=False)
@@ -261,10 +262,11 @@ def sweep(
         summary = summarise(jobs, statuses, rank_by)
     except MTLRecError as exc:
         _fail(exc)
+    from mtlrec.train.checkpoint import save_text
+
     command = "mtlrec sweep " + shlex.join(sys.argv[2:]) if len(sys.argv) > 2 else "mtlrec sweep"
-    out.mkdir(parents=True, exist_ok=True)
-    (out / SUMMARY_JSON).write_text(json.dumps(summary, indent=2, default=str))
-    (out / SUMMARY_MD).write_text(markdown(summary, command))
+    save_text(json.dumps(summary, indent=2, default=str), out / SUMMARY_JSON)
+    save_text(markdown(summary, command), out / SUMMARY_MD)
     wrote = [out / SUMMARY_MD, out / SUMMARY_JSON]
     if write_figure(summary, out / SUMMARY_PNG):
         wrote.append(out / SUMMARY_PNG)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 
 class MTLRecError(Exception):
     """A mistake in the user's input: a file, column, row, key or name that is wrong.
@@ -23,3 +25,15 @@ def first_line(exc: BaseException) -> str:
     one-line error shows of a library's multi-line message."""
     text = str(exc).strip() or type(exc).__name__
     return text.splitlines()[0]
+
+
+def make_dir(path: Path, what: str) -> Path:
+    """``mkdir -p path``; a path through a file (``--out data.csv/run``) or without permission
+    is a :class:`ConfigError` naming ``what`` (the option) and the path, not an OSError."""
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ConfigError(
+            f"{what} {path}: cannot create the folder ({exc.strerror or first_line(exc)})"
+        ) from exc
+    return path

@@ -269,7 +269,9 @@ class Schema:
 
     def save(self, path: str | Path) -> None:
         """Write the schema as JSON (a run's ``schema.json``)."""
-        Path(path).write_text(json.dumps(self.to_dict(), indent=2))
+        from mtlrec.train.checkpoint import save_text
+
+        save_text(json.dumps(self.to_dict(), indent=2), path)  # atomic: never half-written
 
     @classmethod
     def load(cls, path: str | Path) -> Schema:

@@ -1,3 +1,5 @@
+import json
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -132,6 +134,28 @@ def test_round_trip_through_json_file_encodes_identically(tmp_path, funnel_schem
     for name in ("cat", "seq", "num", "labels"):
         assert torch.equal(getattr(a, name), getattr(b, name)), name
     assert loaded.layout() == enc.layout()
+
+
+def test_an_encoder_file_of_the_wrong_shape_is_named(tmp_path, funnel_schema):
+    """Valid JSON that is not an encoder (a KeyError/TypeError traceback before) names the file;
+    so does a feature missing from the fitted state."""
+    enc = Encoder(funnel_schema).fit(funnel_frame(50))
+    path = tmp_path / "encoder.json"
+    for content, needle in (
+        ("{}", "not an mtlrec encoder"),
+        ("[]", "not an mtlrec encoder"),
+        ('{"schema": 5, "state": {}}', "schema: expected a mapping"),
+    ):
+        path.write_text(content)
+        with pytest.raises(DataError, match=f"encoder.json: {needle}"):
+            Encoder.load(path)
+    enc.save(path)
+    data = json.loads(path.read_text())
+    del data["state"]["price"]
+    path.write_text(json.dumps(data))
+    with pytest.raises(DataError, match="encoder.json: encoder: no fitted state for .*price"):
+        Encoder.load(path)
+    assert not list(tmp_path.glob(".encoder.json.*"))  # the atomic write left no temporary
 
 
 def test_unseen_values_at_evaluation_never_crash(funnel_schema):

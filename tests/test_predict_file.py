@@ -165,6 +165,24 @@ def test_a_batch_size_below_one_is_refused(finished_run, test_csv, tmp_path, siz
         predict_file(finished_run, test_csv, tmp_path / "s.csv", batch_size=size)
 
 
+def test_output_paths_through_a_file_exit_2_naming_the_path(finished_run, test_csv, tmp_path):
+    """--out below an existing file was an OSError traceback in train, predict, export and sweep."""
+    blocker = tmp_path / "data.csv"
+    blocker.write_text("x\n1\n")
+    bad = blocker / "sub"
+    commands = {
+        "predict": ["predict", str(finished_run), "--data", str(test_csv), "--out", f"{bad}/s.csv"],
+        "export": ["export", str(finished_run), "--format", "torchscript", "--out", str(bad)],
+        "train": ["train", "--dataset", "synthetic-mmoe", "--model", "mmoe", "--out", str(bad)],
+        "sweep": ["sweep", "--dataset", "synthetic-mmoe", "--models", "mmoe", "--out", str(bad)],
+    }
+    for name, args in commands.items():
+        result = runner.invoke(app, args)
+        assert result.exit_code == 2, (name, result.output)
+        assert "cannot create the folder" in result.output and "data.csv" in result.output, name
+    assert blocker.read_text() == "x\n1\n"
+
+
 def test_cli_predict(finished_run, test_csv, tmp_path):
     out = tmp_path / "cli.csv"
     args = ["predict", str(finished_run), "--data", str(test_csv), "--out", str(out)]

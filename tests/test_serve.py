@@ -97,6 +97,16 @@ def test_export_matches_the_eager_model(key, fmt, runs, tmp_path):
         assert table.seq.shape[1] == 0 and table.num.shape[1] == 0
 
 
+@pytest.mark.parametrize("fmt", ["torchscript", "onnx"])
+def test_a_damaged_export_graph_is_named(fmt, runs, tmp_path):
+    """A truncated graph file was a torch / onnxruntime traceback in predict and serve."""
+    out = export_run(runs("adult-mmoe"), fmt, tmp_path / "export")
+    graph = out / ("model.ts" if fmt == "torchscript" else "model.onnx")
+    graph.write_bytes(graph.read_bytes()[: graph.stat().st_size // 2])
+    with pytest.raises(MTLRecError, match=f"{graph.name}: cannot load the"):
+        load_predictor(out)
+
+
 def test_export_cli(runs, tmp_path):
     from typer.testing import CliRunner
 

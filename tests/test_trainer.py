@@ -227,6 +227,35 @@ def test_resume_refuses_a_changed_configuration(files_config, tmp_path):
     assert any(line.startswith("resumed from") for line in lines)
 
 
+def test_resume_from_a_damaged_or_foreign_checkpoint_names_the_file(files_config, tmp_path):
+    """A truncated, empty or foreign checkpoint.pt is an error naming it (it was a torch
+    traceback, and an empty file printed only 'Aborted.'), and so is one of another model."""
+    import shutil
+
+    from mtlrec.errors import MTLRecError
+
+    done = tmp_path / "done"
+    train_run(files_config(epochs=1), done, echo=lambda *_: None)
+    good = (done / "checkpoint.pt").read_bytes()
+    damaged = {"truncated": good[:1000], "empty": b"", "json": b"{}"}
+    for name, content in damaged.items():
+        out = tmp_path / name
+        shutil.copytree(done, out)
+        (out / "checkpoint.pt").write_bytes(content)
+        with pytest.raises(MTLRecError, match=r"checkpoint.pt: cannot read the checkpoint"):
+            train_run(files_config(epochs=2), out, resume=True, echo=lambda *_: None)
+    out = tmp_path / "foreign"
+    shutil.copytree(done, out)
+    torch.save({"a": 1}, out / "checkpoint.pt")
+    with pytest.raises(MTLRecError, match=r"checkpoint.pt: not an mtlrec checkpoint"):
+        train_run(files_config(epochs=2), out, resume=True, echo=lambda *_: None)
+    state = torch.load(done / "checkpoint.pt", weights_only=False)
+    state["model"] = {"not": torch.zeros(1)}
+    torch.save(state, out / "checkpoint.pt")
+    with pytest.raises(MTLRecError, match=r"checkpoint.pt: does not fit this run"):
+        train_run(files_config(epochs=2), out, resume=True, echo=lambda *_: None)
+
+
 def test_a_resumed_run_that_had_stopped_early_stays_stopped(funnel_tables, monkeypatch):
     """--resume of a run that stopped early (killed before metrics.json, or simply run again) must
     not train on from the last epoch and replace the best model; a larger patience may."""

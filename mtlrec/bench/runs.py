@@ -20,6 +20,8 @@ from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 from typing import Any
 
+from mtlrec.errors import make_dir
+
 
 def use_shared_data(repo: Path) -> None:
     """Point ``MTLREC_DATA_DIR`` at ``repo/../shared/data`` unless it is set or that folder is
@@ -49,7 +51,7 @@ def train_or_reuse(
     if not (out / "metrics.json").exists() and not train:
         return {**row, "status": "not run"}
     if not (out / "metrics.json").exists():
-        out.mkdir(parents=True, exist_ok=True)
+        make_dir(out, "--out")
         env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
         started = time.perf_counter()
         with (out / "train.log").open("w") as log:

@@ -22,7 +22,7 @@ import torch
 
 from mtlrec.data.readers import NA_TOKENS, require_columns
 from mtlrec.data.table import TensorTable
-from mtlrec.errors import DataError, first_line
+from mtlrec.errors import DataError, MTLRecError, first_line
 from mtlrec.schema import Feature, Schema
 
 ENCODER_VERSION = 1
@@ -252,8 +252,10 @@ class Encoder:
         return enc
 
     def save(self, path: str | Path) -> None:
-        """Write the fitted encoder as JSON (a run's ``encoder.json``)."""
-        Path(path).write_text(json.dumps(self.to_dict()))
+        """Write the fitted encoder as JSON (a run's ``encoder.json``), atomically."""
+        from mtlrec.train.checkpoint import save_text
+
+        save_text(json.dumps(self.to_dict()), path)
 
     @classmethod
     def load(cls, path: str | Path) -> Encoder:
@@ -261,7 +263,15 @@ class Encoder:
             data = json.loads(Path(path).read_text())
         except (OSError, json.JSONDecodeError) as exc:
             raise DataError(f"{path}: cannot read encoder ({exc})") from exc
-        return cls.from_dict(data)
+        try:
+            return cls.from_dict(data)
+        except MTLRecError as exc:  # a bad schema inside, a feature without fitted state
+            raise DataError(f"{path}: {exc}") from exc
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            raise DataError(
+                f"{path}: not an mtlrec encoder ({type(exc).__name__}: {first_line(exc)}); "
+                "re-create the run or restore the file"
+            ) from exc
 
     def _check_fitted(self) -> None:
         if not self.state:

@@ -34,7 +34,7 @@ from torch import nn
 import mtlrec
 from mtlrec.data.encoder import InputLayout
 from mtlrec.data.table import TensorTable
-from mtlrec.errors import ConfigError, MTLRecError
+from mtlrec.errors import ConfigError, MTLRecError, make_dir
 from mtlrec.models import MTLModel
 from mtlrec.serve.predictor import ARTIFACT_VERSION, FUSION_FILE, METADATA
 
@@ -113,7 +113,7 @@ def export_run(
         raise MTLRecError(f"{target}: the export folder must not be the run directory itself")
     if target.exists() and not target.is_dir():
         raise MTLRecError(f"{target}: exists and is not a directory")
-    target.mkdir(parents=True, exist_ok=True)
+    make_dir(target, "--out")
 
     module = ExportModule(model).eval()
     layout = encoder.layout()

@@ -17,7 +17,7 @@ import torch
 
 from mtlrec.data.encoder import Encoder
 from mtlrec.data.table import TensorTable
-from mtlrec.errors import MTLRecError
+from mtlrec.errors import MTLRecError, first_line
 
 ARTIFACT_VERSION = 1
 METADATA = "metadata.json"
@@ -113,7 +113,12 @@ def load_torchscript(path: Path) -> Predict:
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # torch.jit's deprecation notice
-        module = torch.jit.load(str(path), map_location="cpu")
+        try:
+            module = torch.jit.load(str(path), map_location="cpu")
+        except (RuntimeError, ValueError, OSError) as exc:  # truncated or not TorchScript
+            raise MTLRecError(
+                f"{path}: cannot load the TorchScript graph ({first_line(exc)}); export again"
+            ) from exc
     module.eval()
 
     def run(batch: TensorTable) -> tuple[np.ndarray, np.ndarray]:
@@ -135,7 +140,12 @@ def onnx_session(path: Path, threads: int = 0):
     options = ort.SessionOptions()
     if threads:
         options.intra_op_num_threads = threads
-    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    try:
+        return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    except Exception as exc:  # onnxruntime's InvalidProtobuf, Fail... (no common base class)
+        raise MTLRecError(
+            f"{path}: cannot load the ONNX graph ({first_line(exc)}); export again"
+        ) from exc
 
 
 def load_onnx(path: Path) -> Predict:

@@ -34,7 +34,7 @@ from mtlrec.data.checks import unseen_in_file_warnings
 from mtlrec.data.encoder import Encoder
 from mtlrec.data.stream import READ_ROWS, absent_training_only, exact_name, file_chunks
 from mtlrec.data.table import TensorTable
-from mtlrec.errors import ConfigError
+from mtlrec.errors import ConfigError, make_dir
 from mtlrec.models import MTLModel
 from mtlrec.schema import Schema
 from mtlrec.train.run import csv_separator, eval_batch_size, load_run
@@ -239,7 +239,7 @@ class _AtomicWriter:
         self.parquet = not out.name.lower().endswith(".csv")
         self._parquet_writer = None
         self._started = False
-        out.parent.mkdir(parents=True, exist_ok=True)
+        make_dir(out.parent, f"--out {out}: its folder")
 
     def write(self, frame: pd.DataFrame) -> None:
         if self.parquet:

@@ -35,7 +35,7 @@ from mtlrec.data.datasets import DatasetSplits, load_dataset
 from mtlrec.data.encoder import Encoder
 from mtlrec.data.source import BatchSource
 from mtlrec.data.table import TensorTable
-from mtlrec.errors import ConfigError, DataError, MTLRecError, first_line
+from mtlrec.errors import ConfigError, DataError, MTLRecError, first_line, make_dir
 from mtlrec.models import MTLModel, build_model
 from mtlrec.schema import Schema
 from mtlrec.train import distributed as dist
@@ -107,6 +107,20 @@ def train_run(
             dist.cleanup()
 
 
+def read_checkpoint(path: Path, device: torch.device | str = "cpu") -> dict[str, Any]:
+    """A run's ``checkpoint.pt``; a truncated or foreign file is an error naming it."""
+    try:
+        state = torch.load(path, weights_only=False, map_location=device)
+    except Exception as exc:  # EOFError, UnpicklingError, RuntimeError of a truncated zip...
+        raise MTLRecError(
+            f"{path}: cannot read the checkpoint ({type(exc).__name__}: {first_line(exc)}); "
+            "drop --resume to start over"
+        ) from exc
+    if not isinstance(state, dict) or "model" not in state:
+        raise MTLRecError(f"{path}: not an mtlrec checkpoint; drop --resume to start over")
+    return state
+
+
 def _train_run(
     config: dict[str, Any], tcfg: TrainConfig, out: Path, resume: bool, echo
 ) -> dict[str, Any]:
@@ -125,7 +139,7 @@ def _train_run(
                 + "); use a new --out, or drop --resume to start over"
             )
     if main:
-        out.mkdir(parents=True, exist_ok=True)
+        make_dir(out, "--out")
         if not resume:  # starting over: nothing of an earlier run here may be read as this one's
             for name in RUN_OUTPUTS:
                 (out / name).unlink(missing_ok=True)
@@ -216,12 +230,16 @@ def _train_run(
     if resume:
         # Rank 0 reads the checkpoint and hands it to every rank (no shared filesystem needed).
         state = dist.broadcast_object(
-            torch.load(ckpt, weights_only=False, map_location=device)
-            if main and ckpt.exists()
-            else None
+            read_checkpoint(ckpt, device) if main and ckpt.exists() else None
         )
         if state is not None:
-            trainer.load_state(state)
+            try:
+                trainer.load_state(state)
+            except (KeyError, TypeError, ValueError, RuntimeError) as exc:  # another model's
+                raise MTLRecError(
+                    f"{ckpt}: does not fit this run ({type(exc).__name__}: {first_line(exc)}); "
+                    "use a new --out, or drop --resume to start over"
+                ) from exc
             echo(f"resumed from {ckpt} at epoch {trainer.start_epoch + 1}")
             if monitor is not None and state.get("diagnostics") is None:  # an older checkpoint
                 monitor.restore(out / DIAGNOSTICS_FILE, trainer.start_epoch)
