@@ -178,6 +178,11 @@ class Schema:
                 )
             if self.task(t.depends_on).type != "binary":
                 raise ConfigError(f"task {t.name!r}: upstream task {t.depends_on!r} must be binary")
+            if f"{t.name}_joint" in task_names:  # both would be the column pred_<t>_joint
+                raise ConfigError(
+                    f"task {t.name + '_joint'!r}: the name of task {t.name!r}'s entire-space "
+                    "prediction (pred_<task>_joint); rename it"
+                )
         by_name = {f.name: f for f in self.features}
         for f in self.features:
             if f.vocab_of is None:

@@ -167,6 +167,18 @@ def test_unseen_values_at_evaluation_never_crash(funnel_schema):
     assert (table.cat[:, 0] == enc.layout().field_offsets[0]).all()  # all OOV
 
 
+def test_a_regression_label_too_large_for_float32_names_row_and_column():
+    """1e300 is finite in float64 and passed; training then stopped on an inf loss that named no
+    row."""
+    schema = Schema([Feature("c")], [Task("r", type="regression")])
+    frame = pd.DataFrame({"c": ["a"] * 3, "r": ["1.5", "-1e300", "1e14"]})
+    with pytest.raises(DataError, match=r"column 'r' row 1: label '-1e300' is too large"):
+        Encoder(schema).fit(frame).transform(frame)
+    frame.loc[1, "r"] = "-1e15"  # the largest accepted magnitude
+    label = Encoder(schema).fit(frame).transform(frame).labels[1, 0].item()
+    assert label == pytest.approx(-1e15, rel=1e-7)  # float32
+
+
 def test_binary_labels_written_as_true_false_read_as_one_zero():
     schema = Schema([Feature("c")], [Task("y"), Task("r", type="regression")])
     frame = pd.DataFrame(

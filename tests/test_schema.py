@@ -62,6 +62,17 @@ def test_schema_yaml_file_is_read(tmp_path):
         ({"features": [{"name": "a"}], "tasks": [{"name": "y", "weight": -1}]}, ">= 0"),
         ({"features": [{"name": "a"}], "tasks": [{"name": "y", "weight": float("nan")}]}, "finite"),
         ({"features": [{"name": "a"}], "tasks": [{"name": "y", "weight": "abc"}]}, "'abc'"),
+        (  # pred_buy_joint would be two columns: one prediction silently lost
+            {
+                "features": [{"name": "a"}],
+                "tasks": [
+                    {"name": "click"},
+                    {"name": "buy", "depends_on": "click"},
+                    {"name": "buy_joint", "type": "regression"},
+                ],
+            },
+            "task 'buy_joint': the name of task 'buy''s entire-space prediction",
+        ),
     ],
 )
 def test_bad_schema_names_the_problem(data, needle):

@@ -214,6 +214,14 @@ class Encoder:
             bad = ~np.isfinite(values)
             if task.type == "binary":
                 bad |= (values != 0) & (values != 1)
+            huge = ~bad & (np.abs(values) > LARGEST_LABEL)
+            if huge.any():  # finite in float64, but its squared error is inf in float32
+                row = int(np.flatnonzero(huge)[0])
+                raise DataError(
+                    f"{where}: column {task.source!r} row {first_row + row}: label "
+                    f"{_cell(frame[task.source].iloc[row])} is too large for task {task.name!r} "
+                    f"(|y| > {LARGEST_LABEL:g}: its squared error overflows float32); rescale it"
+                )
             if bad.any():
                 row = int(np.flatnonzero(bad)[0])
                 kind = "0 or 1" if task.type == "binary" else "a finite number"
@@ -390,6 +398,7 @@ def _token_lists(column: pd.Series, feat: Feature, where: str) -> Any:
 # Standardised features are float32 tensors, and the training std squares the values: a value
 # beyond this (after ``log``) would become inf, or make every value of the feature 0.
 LARGEST_NUMERIC = 1e30
+LARGEST_LABEL = 1e15  # a regression label's squared error must stay finite in float32
 
 
 def _numeric(column: pd.Series, where: str, feat: Feature, first_row: int = 0) -> np.ndarray:
