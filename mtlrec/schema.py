@@ -307,6 +307,32 @@ def _column(value: Any, what: str) -> str | None:
     return _name(value, f"{what}: column")
 
 
+def schema_changes(old: Schema, new: Schema) -> list[str]:
+    """What differs between two schemas, one line per feature or task option ("feature 'tags'
+    max_len: 5 -> 7", "task 'ctr' added"), in schema order."""
+    changes: list[str] = []
+    for kind, before, after in (
+        ("feature", [asdict(f) for f in old.features], [asdict(f) for f in new.features]),
+        ("task", [asdict(t) for t in old.tasks], [asdict(t) for t in new.tasks]),
+    ):
+        was = {item["name"]: item for item in before}
+        now = {item["name"]: item for item in after}
+        for name in [*was, *(n for n in now if n not in was)]:
+            if name not in now:
+                changes.append(f"{kind} {name!r} removed")
+            elif name not in was:
+                changes.append(f"{kind} {name!r} added")
+            else:
+                for key in dict.fromkeys([*was[name], *now[name]]):
+                    if was[name].get(key) != now[name].get(key):
+                        changes.append(
+                            f"{kind} {name!r} {key}: {was[name].get(key)} -> {now[name].get(key)}"
+                        )
+        if not changes and [i["name"] for i in before] != [i["name"] for i in after]:
+            changes.append(f"the order of the {kind}s")
+    return changes
+
+
 def _compact(values: dict[str, Any], kind: type) -> dict[str, Any]:
     """Drop keys that hold their default so saved schemas stay readable."""
     defaults = {f.name: f.default for f in fields(kind)}

@@ -130,3 +130,15 @@ def test_file_columns_of_csv_parquet_and_folder_without_reading_rows(tmp_path):
     for missing in ("missing.csv", "missing.parquet"):
         with pytest.raises(DataError, match=f"{missing}: file not found"):
             file_columns(tmp_path / missing)
+
+
+def test_a_parquet_folder_file_without_a_wanted_column_is_named(tmp_path):
+    """pyarrow's dataset schema is the first file's: a later file lacking a column was read as
+    nulls without a word."""
+    folder = tmp_path / "parts"
+    folder.mkdir()
+    pd.DataFrame({"a": [1, 2], "b": ["x", "y"]}).to_parquet(folder / "part-0.parquet")
+    pd.DataFrame({"a": [3]}).to_parquet(folder / "part-1.parquet")
+    with pytest.raises(DataError, match=r"part-1.parquet: missing column\(s\) 'b'"):
+        read_frame(folder, columns=["a", "b"])
+    assert read_frame(folder, columns=["a"])["a"].tolist() == [1, 2, 3]

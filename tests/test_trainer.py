@@ -1,6 +1,7 @@
 """Model selection on validation only, the test split read once, resume, divergence."""
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -225,6 +226,46 @@ def test_resume_refuses_a_changed_configuration(files_config, tmp_path):
     lines: list[str] = []
     train_run(files_config(epochs=2), out, resume=True, echo=lines.append)  # only longer
     assert any(line.startswith("resumed from") for line in lines)
+
+
+def test_resume_refuses_a_changed_schema_file(tmp_path):
+    """--resume compared config.yaml only: an edited schema.yaml (a longer sequence, a task
+    weight) under the same config silently mixed two schemas in one run."""
+    import yaml
+
+    frames = {"train": funnel_frame(600, seed=1), "valid": funnel_frame(200, seed=2)}
+    dataset = files_dataset(tmp_path / "data", frames, FUNNEL_SCHEMA)
+    config = cfg.resolve(
+        {"dataset": dataset, "model": {"name": "mmoe", "embed_dim": 4}, "train": {"epochs": 1}}
+    )
+    out = tmp_path / "run"
+    train_run(config, out, echo=lambda *_: None)
+    edited = yaml.safe_load(Path(dataset["schema"]).read_text())
+    edited["tasks"][1]["weight"] = 2.0
+    edited["features"] = [f for f in edited["features"] if f["name"] != "price"]
+    Path(dataset["schema"]).write_text(yaml.safe_dump(edited))
+    longer = {**config, "train": {**config["train"], "epochs": 2}}
+    with pytest.raises(
+        ConfigError, match="another schema.*feature 'price' removed.*weight: 1.0 -> 2.0"
+    ):
+        train_run(longer, out, resume=True, echo=lambda *_: None)
+
+
+def test_a_failed_start_keeps_the_earlier_run_in_the_folder(files_config, tmp_path):
+    """Starting over in a finished run's folder deleted its model and metrics before the new
+    run's data or model were checked: a typo cost the earlier run."""
+    out = tmp_path / "run"
+    train_run(files_config(epochs=1), out, echo=lambda *_: None)
+    before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
+    bad_data = files_config(epochs=1)
+    bad_data["dataset"]["train"] = str(tmp_path / "nothere.csv")
+    with pytest.raises(DataError, match="nothere.csv: file not found"):
+        train_run(bad_data, out, echo=lambda *_: None)
+    bad_model = files_config(epochs=1)
+    bad_model["model"]["num_experts"] = 0
+    with pytest.raises(ConfigError, match="num_experts"):
+        train_run(bad_model, out, echo=lambda *_: None)
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before
 
 
 def test_resume_from_a_damaged_or_foreign_checkpoint_names_the_file(files_config, tmp_path):

@@ -194,6 +194,9 @@ def _read_parquet_folder(
         raise DataError(f"{path}: a folder without .parquet files")
     dataset = ds.dataset(str(path), format="parquet")
     read_cols = parquet_columns(path, dataset.schema.names, columns)
+    if read_cols is not None:  # the dataset's schema is its first file's: check every file
+        for fragment in dataset.get_fragments():
+            parquet_columns(Path(fragment.path), fragment.physical_schema.names, read_cols)
     if max_rows is None:
         return dataset.to_table(columns=read_cols).to_pandas()
     return dataset.head(max_rows, columns=read_cols).to_pandas()

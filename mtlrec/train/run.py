@@ -37,7 +37,7 @@ from mtlrec.data.source import BatchSource
 from mtlrec.data.table import TensorTable
 from mtlrec.errors import ConfigError, DataError, MTLRecError, first_line, make_dir
 from mtlrec.models import MTLModel, build_model
-from mtlrec.schema import Schema
+from mtlrec.schema import Schema, schema_changes
 from mtlrec.train import distributed as dist
 from mtlrec.train.checkpoint import save_json, save_text, save_torch
 from mtlrec.train.diagnostics import DIAGNOSTICS_FILE, GradientMonitor
@@ -140,9 +140,6 @@ def _train_run(
             )
     if main:
         make_dir(out, "--out")
-        if not resume:  # starting over: nothing of an earlier run here may be read as this one's
-            for name in RUN_OUTPUTS:
-                (out / name).unlink(missing_ok=True)
     else:
         echo = lambda *_: None  # noqa: E731
     if tcfg.threads:
@@ -179,6 +176,15 @@ def _train_run(
             lambda: Encoder(schema).fit(splits.train, where=_where(splits.train, "train"))
         )
         train = encoder.transform(splits.train, where=_where(splits.train, "train"))
+    if resume:  # the schema file may have changed under an unchanged config
+        changes = dist.broadcast_object(_resume_schema_changes(out, schema) if main else [])
+        if changes:
+            raise ConfigError(
+                f"{out}: cannot resume a run trained with another schema ("
+                + "; ".join(changes[:6])
+                + (f"; and {len(changes) - 6} more" if len(changes) > 6 else "")
+                + "); use a new --out, or drop --resume to start over"
+            )
     valid_where = _where(valid_frame, "valid")
     valid = encoder.transform(valid_frame, where=valid_where)
     if len(valid) == 0:
@@ -200,6 +206,11 @@ def _train_run(
     if isinstance(train, TensorTable):
         train = train.to(device)
     if main:
+        # Starting over: nothing of an earlier run here may be read as this one's. Not before
+        # the data, model and balancer are known good: a failed start keeps the earlier run.
+        if not resume:
+            for name in RUN_OUTPUTS:
+                (out / name).unlink(missing_ok=True)
         encoder.save(out / "encoder.json")
         schema.save(out / "schema.json")
         save_text(yaml.safe_dump(config, sort_keys=False), out / "config.yaml")
@@ -290,6 +301,14 @@ def _resume_changes(out: Path, config: dict[str, Any]) -> list[str]:
     if not (out / "checkpoint.pt").exists() or not saved.exists():
         return []
     return config_changes(read_run_config(saved), config)
+
+
+def _resume_schema_changes(out: Path, schema: Schema) -> list[str]:
+    """What differs between the schema a checkpoint in ``out`` was trained with and ``schema``."""
+    saved = out / "schema.json"
+    if not (out / "checkpoint.pt").exists() or not saved.exists():
+        return []
+    return schema_changes(Schema.load(saved), schema)
 
 
 def read_run_config(path: Path) -> dict[str, Any]:
