@@ -40,6 +40,10 @@ MaxRowsOption = Annotated[int | None, typer.Option(help="Cap rows per split (dat
 TrainFileOption = Annotated[str | None, typer.Option("--train", help="Your training CSV/Parquet")]
 ValidFileOption = Annotated[str | None, typer.Option("--valid", help="Your validation file")]
 TestFileOption = Annotated[str | None, typer.Option("--test", help="Your test file")]
+SepOption = Annotated[
+    str | None,
+    typer.Option(help="The CSV's separator (default: the one the run was trained with); 'tab'"),
+]
 SchemaOption = Annotated[str | None, typer.Option(help="Schema YAML for your own files")]
 
 
@@ -312,12 +316,13 @@ def _std(value: float | None) -> str:
 def evaluate(
     run_dir: Annotated[Path, typer.Argument(help="A run directory written by 'mtlrec train'")],
     data: Annotated[str | None, typer.Option(help="Evaluate on this CSV/Parquet instead")] = None,
+    sep: SepOption = None,
 ) -> None:
     """Re-evaluate a finished run on its test split (or on a file), with its saved encoder."""
     from mtlrec.train.run import evaluate_run
 
     try:
-        metrics = evaluate_run(run_dir, data, warn=_echo)
+        metrics = evaluate_run(run_dir, data, warn=_echo, sep=sep)
     except MTLRecError as exc:
         _fail(exc)
     _print_metrics(metrics, title=str(run_dir))
@@ -340,6 +345,7 @@ def predict(
         typer.Option(help="Fusion YAML (a 'serve:' mapping): adds the fused ranking 'score'"),
     ] = None,
     batch_size: Annotated[int | None, typer.Option(help="Rows per forward pass")] = None,
+    sep: SepOption = None,
 ) -> None:
     """Score every row of a file: per-task predictions (pred_<task>, pred_<task>_joint)."""
     from mtlrec.train.predict_file import predict_file
@@ -348,7 +354,7 @@ def predict(
     try:
         summary = predict_file(
             run_dir, data, out, keep=columns, fusion=fusion, batch_size=batch_size,
-            progress=True, warn=_echo,
+            progress=True, warn=_echo, sep=sep,
         )  # fmt: skip
     except MTLRecError as exc:
         _fail(exc)

@@ -291,17 +291,22 @@ def _checked_dataset(dataset: dict[str, Any]) -> dict[str, Any]:
     return dataset
 
 
-def _separator(value: Any) -> str:
+def _separator(value: Any, key: str = "dataset.sep") -> str:
     """One character; the text ``\\t`` (YAML leaves it unescaped unless double-quoted) and the word
-    ``tab`` are a tab."""
+    ``tab`` are a tab. ``key``: the option named in the error."""
     if isinstance(value, str) and (value == "\\t" or value.lower() == "tab"):
         return "\t"
     if not isinstance(value, str) or len(value) != 1 or value in "\r\n":
         raise ConfigError(
-            f"dataset.sep: expected one character (not a line break), got {value!r}; "
-            "write a tab as \\t or tab (--set dataset.sep=tab)"
+            f"{key}: expected one character (not a line break), got {value!r}; "
+            f"write a tab as \\t or tab ({'--set dataset.sep' if key == 'dataset.sep' else key}=tab)"
         )
     return value
+
+
+def separator_option(value: str | None) -> str | None:
+    """``--sep`` of ``predict`` / ``evaluate``: None when not given, else as ``dataset.sep``."""
+    return None if value is None else _separator(value, "--sep")
 
 
 def _absolute_files(dataset: dict[str, Any]) -> dict[str, Any]:

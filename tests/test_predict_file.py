@@ -183,6 +183,25 @@ def test_output_paths_through_a_file_exit_2_naming_the_path(finished_run, test_c
     assert blocker.read_text() == "x\n1\n"
 
 
+def test_a_tsv_is_scored_and_evaluated_with_sep(finished_run, test_csv, tmp_path):
+    """The run was trained on CSV files; --sep reads a TSV (there was no way to, and the error
+    pointed at --set, which predict and evaluate do not have)."""
+    tsv = tmp_path / "test.tsv"
+    pd.read_csv(test_csv, dtype=str, keep_default_na=False).to_csv(tsv, sep="\t", index=False)
+    result = runner.invoke(app, ["predict", str(finished_run), "--data", str(tsv), "-o", "x.csv"])
+    assert result.exit_code == 2 and "--sep tab" in result.output
+    out = tmp_path / "tsv.csv"
+    args = ["predict", str(finished_run), "--data", str(tsv), "--out", str(out), "--sep", "tab"]
+    assert runner.invoke(app, args).exit_code == 0
+    want = tmp_path / "csv.csv"
+    predict_file(finished_run, test_csv, want)
+    pd.testing.assert_frame_equal(pd.read_csv(out), pd.read_csv(want))
+    result = runner.invoke(app, ["evaluate", str(finished_run), "--data", str(tsv), "--sep", "tab"])
+    assert result.exit_code == 0, result.output
+    result = runner.invoke(app, ["evaluate", str(finished_run), "--data", str(tsv), "--sep", "ab"])
+    assert result.exit_code == 2 and "--sep: expected one character" in result.output
+
+
 def test_cli_predict(finished_run, test_csv, tmp_path):
     out = tmp_path / "cli.csv"
     args = ["predict", str(finished_run), "--data", str(test_csv), "--out", str(out)]

@@ -77,7 +77,13 @@ def test_a_folder_of_parquet_files_reads_as_one_table(tmp_path):
 
 @pytest.mark.parametrize(
     "sep, needle",
-    [(";", "separated by ';', not ','; set it with --set 'dataset.sep=;'"), ("\t", "by tabs")],
+    [
+        (
+            ";",
+            "separated by ';', not ','; set it with --set 'dataset.sep=;' \\(train\\), or --sep ';'",
+        ),
+        ("\t", "by tabs.*or --sep tab \\(predict, evaluate\\)"),
+    ],
 )
 def test_another_separator_is_recognised_and_named(tmp_path, sep, needle):
     path = tmp_path / "data.csv"

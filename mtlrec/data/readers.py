@@ -7,6 +7,7 @@ row and column of a bad value. Parquet columns keep their types and are converte
 from __future__ import annotations
 
 import re
+import shlex
 import warnings
 from pathlib import Path
 
@@ -94,9 +95,11 @@ def _check_separator(frame: pd.DataFrame, columns: list[str], path: Path, sep: s
     for other, yaml_value in ((";", ";"), ("\t", '"\\t"'), ("|", "|"), (",", ",")):
         if other != sep and sum(c in header.split(other) for c in columns) >= min(2, len(columns)):
             name = "tabs" if other == "\t" else repr(other)
+            flag = "tab" if other == "\t" else shlex.quote(other)
             raise DataError(
                 f"{path}: the header {header[:60]!r} looks separated by {name}, not {sep!r}; "
-                f"set it with --set 'dataset.sep={yaml_value}'"
+                f"set it with --set 'dataset.sep={yaml_value}' (train), or --sep {flag} "
+                "(predict, evaluate)"
             )
 
 

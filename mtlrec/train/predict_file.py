@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from mtlrec.config import TrainConfig
+from mtlrec.config import TrainConfig, separator_option
 from mtlrec.data.checks import unseen_in_file_warnings
 from mtlrec.data.encoder import Encoder
 from mtlrec.data.stream import READ_ROWS, absent_training_only, exact_name, file_chunks
@@ -106,18 +106,21 @@ def predict_file(
     read_rows: int = READ_ROWS,
     progress: bool = False,
     warn: Callable[[str], None] | None = None,
+    sep: str | None = None,
 ) -> PredictSummary:
     """Score every row of ``data`` with the run (or export folder) in ``run_dir`` and write
     ``out`` (.parquet, .pq or .csv). ``keep``: input columns to copy into the output;
     ``fusion``: a fusion YAML file, adds the fused ``score`` column; ``warn``: called with each
-    warning about the data (mostly unseen values in a categorical column)."""
+    warning about the data (mostly unseen values in a categorical column); ``sep``: a CSV's
+    separator (default: the one the run's training files had)."""
     out = Path(out)
     if not out.name.lower().endswith(OUTPUT_SUFFIXES):
         raise ConfigError(f"{out}: the output must end in {', '.join(OUTPUT_SUFFIXES)}")
     source = Path(data).resolve()
     if out.resolve() == source or source in out.resolve().parents:
         raise ConfigError(f"--out {out}: it would overwrite the input {data}; write elsewhere")
-    encoder, model, default_batch, sep, training_only = _load(Path(run_dir))
+    encoder, model, default_batch, trained_sep, training_only = _load(Path(run_dir))
+    sep = separator_option(sep) or trained_sep
     if batch_size is not None and (isinstance(batch_size, bool) or batch_size < 1):
         raise ConfigError(f"--batch-size {batch_size}: must be at least 1")
     batch = int(batch_size or default_batch)

@@ -29,7 +29,14 @@ import yaml
 
 from mtlrec.balance import build_balancer
 from mtlrec.balance.base import check_compile, check_optimizer
-from mtlrec.config import TrainConfig, config_changes, read_yaml, split_named, train_config
+from mtlrec.config import (
+    TrainConfig,
+    config_changes,
+    read_yaml,
+    separator_option,
+    split_named,
+    train_config,
+)
 from mtlrec.data.checks import sequence_warnings, unseen_value_warnings
 from mtlrec.data.datasets import DatasetSplits, load_dataset
 from mtlrec.data.encoder import Encoder
@@ -383,7 +390,10 @@ def eval_batch_size(config: dict[str, Any]) -> int:
 
 
 def evaluate_run(
-    run_dir: str | Path, data: str | None = None, warn: Callable[[str], None] | None = None
+    run_dir: str | Path,
+    data: str | None = None,
+    warn: Callable[[str], None] | None = None,
+    sep: str | None = None,
 ) -> dict[str, Any]:
     """Metrics of a finished run on its dataset's test split, or on a given file (a Parquet file
     or folder is read a record batch at a time; only the predictions and labels are kept).
@@ -391,7 +401,7 @@ def evaluate_run(
     config, encoder, model = load_run(run_dir)
     batch = eval_batch_size(config)
     if data:
-        sep = csv_separator(config)
+        sep = separator_option(sep) or csv_separator(config)
         return _clean({Path(data).name: _evaluate_file(model, encoder, data, batch, warn, sep)})
     splits = load_splits(config)
     if len(splits.test) == 0:
