@@ -386,6 +386,8 @@ def compare(
             metrics = json.loads(path.read_text()).get(split) or {}
         except (json.JSONDecodeError, UnicodeDecodeError, AttributeError) as exc:
             _fail(MTLRecError(f"{path}: not a metrics file ({first_line(exc)})"))
+        if not isinstance(metrics, dict) or not all(isinstance(m, dict) for m in metrics.values()):
+            _fail(MTLRecError(f"{path}: not a metrics file ({split!r} is not task -> metrics)"))
         flat = {f"{t} {k}": v for t, m in metrics.items() for k, v in m.items() if k != "rows"}
         columns += [c for c in flat if c not in columns]
         rows.append((run.name, flat))

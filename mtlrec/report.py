@@ -20,7 +20,8 @@ from pathlib import Path
 from typing import Any
 
 from mtlrec.config import read_yaml
-from mtlrec.errors import MTLRecError
+from mtlrec.errors import MTLRecError, first_line, make_dir
+from mtlrec.train.checkpoint import save_text
 from mtlrec.train.diagnostics import COLLAPSE_SHARE, DIAGNOSTICS_FILE
 
 REPORT_DIR = "report"
@@ -73,6 +74,8 @@ def read_run(run_dir: str | Path) -> RunFiles:
     diagnostics = None
     if (path / DIAGNOSTICS_FILE).is_file():
         diagnostics = _read_json(path / DIAGNOSTICS_FILE)
+        if not isinstance(diagnostics, dict):
+            raise MTLRecError(f"{path / DIAGNOSTICS_FILE}: must be a JSON object")
     return RunFiles(path, metrics, history, config, diagnostics)
 
 
@@ -80,11 +83,17 @@ def write_report(run_dir: str | Path, baseline: str | Path | None = None) -> str
     """Write the figures and ``verdict.md`` into ``RUN_DIR/report/``; return the verdict."""
     run = read_run(run_dir)
     base = read_run(baseline) if baseline is not None else None
-    out = run.path / REPORT_DIR
-    out.mkdir(parents=True, exist_ok=True)
-    figures = write_figures(run, out)
-    verdict = build_verdict(run, base, figures)
-    (out / VERDICT_FILE).write_text(verdict)
+    out = make_dir(run.path / REPORT_DIR, "report folder")
+    try:
+        figures = write_figures(run, out)
+        verdict = build_verdict(run, base, figures)
+    except (KeyError, TypeError, AttributeError, ValueError, IndexError) as exc:
+        # a hand-edited or foreign history.json / diagnostics.json of the right JSON type
+        raise MTLRecError(
+            f"{run.path}: a run file is not shaped as 'mtlrec train' writes it "
+            f"({type(exc).__name__}: {first_line(exc)}); re-create the run"
+        ) from exc
+    save_text(verdict, out / VERDICT_FILE)
     return verdict
 
 

@@ -53,6 +53,10 @@ def test_unusable_run_directories_raise_naming_the_file(finished_run, tmp_path):
         replay_run(finished_run, epochs=5)
     with pytest.raises(MTLRecError, match=">= 1"):
         replay_run(finished_run, epochs=0)
+    run = copy_run(finished_run, tmp_path / "shaped")
+    (run / "history.json").write_text('{"epochs": "x"}')  # valid JSON, wrong shape: a traceback
+    with pytest.raises(MTLRecError, match="history.json: 'epochs' is not a list"):
+        replay_run(run, epochs=1)
 
 
 def test_cli_exit_status(finished_run, tmp_path):

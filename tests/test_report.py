@@ -139,6 +139,21 @@ def test_a_folder_that_is_not_a_run_is_one_line_exit_2(tmp_path, where):
     assert len(lines) == 1 and "not a finished run" in lines[0], result.output
 
 
+def test_run_files_of_the_wrong_shape_are_one_line_exit_2(tmp_path):
+    """Valid JSON of another shape (hand-edited) was a traceback in report and compare."""
+    run = tmp_path / "mtl"
+    _fake_run(run, "mmoe", {"click": {"auc": 0.75}})
+    (run / "history.json").write_text('{"epochs": "x", "best_epoch": 1}')
+    result = runner.invoke(app, ["report", str(run)])
+    assert result.exit_code == 2 and "not shaped as 'mtlrec train' writes it" in result.output
+    (run / "diagnostics.json").write_text("[]")
+    result = runner.invoke(app, ["report", str(run)])
+    assert result.exit_code == 2 and "diagnostics.json: must be a JSON object" in result.output
+    (run / "metrics.json").write_text('{"valid": [], "test": 5}')
+    result = runner.invoke(app, ["compare", str(run)])
+    assert result.exit_code == 2 and "metrics.json: not a metrics file" in result.output
+
+
 def test_baseline_on_other_data_or_rows_is_warned_and_partial_coverage_said(tmp_path):
     _fake_run(tmp_path / "mtl", "mmoe", {"click": {"auc": 0.75, "rows": 3000}, "dwell": {"mse": 1}})
     _fake_run(tmp_path / "single", "single-task", {"click": {"auc": 0.72, "rows": 1000}})

@@ -71,7 +71,9 @@ def _read_json(path: Path) -> dict[str, Any]:
 def epoch_figures(history: dict[str, Any], epochs: int, source: Path) -> dict[str, float]:
     """``{"epoch 1 train_loss income": 0.2016..., "epoch 1 valid income auc": ...}`` for the
     first ``epochs`` epochs of a ``history.json``."""
-    recorded = history.get("epochs") or []
+    recorded = history.get("epochs") or [] if isinstance(history, dict) else None
+    if not isinstance(recorded, list) or not all(isinstance(r, dict) for r in recorded):
+        raise MTLRecError(f"{source}: 'epochs' is not a list of epoch records; re-create the run")
     if len(recorded) < epochs:
         raise MTLRecError(
             f"{source}: records {len(recorded)} epoch(s), fewer than the {epochs} to replay"
