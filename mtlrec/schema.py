@@ -16,6 +16,7 @@ from mtlrec.config import as_bool, as_int, read_yaml
 from mtlrec.errors import ConfigError
 
 FEATURE_TYPES = ("categorical", "numeric", "sequence")
+MAX_SEQUENCE_LEN = 10_000  # tokens kept per sequence cell: every row holds max_len ids
 SEQUENCE_KEEP = ("first", "last")  # which tokens of a cell longer than max_len are kept
 TASK_TYPES = ("binary", "regression")
 
@@ -75,8 +76,11 @@ class Feature:
             raise ConfigError(f"feature {self.name!r}: buckets must be >= 0")
         if self.buckets and self.type != "numeric":
             raise ConfigError(f"feature {self.name!r}: buckets apply to numeric features only")
-        if self.max_len < 1:
-            raise ConfigError(f"feature {self.name!r}: max_len must be >= 1")
+        if not 1 <= self.max_len <= MAX_SEQUENCE_LEN:  # 1e8 was a MemoryError deep in encoding
+            raise ConfigError(
+                f"feature {self.name!r}: max_len must be between 1 and {MAX_SEQUENCE_LEN:,} "
+                f"(got {self.max_len:,})"
+            )
         if self.keep not in SEQUENCE_KEEP:
             raise ConfigError(f"{what}: keep must be 'first' or 'last', got {self.keep!r}")
         if self.keep != "first" and self.type != "sequence":

@@ -375,3 +375,14 @@ def test_keep_last_keeps_the_most_recent_tokens_of_a_long_history():
         Feature("h", "sequence", keep="end")
     with pytest.raises(ConfigError, match="keep applies to sequence features only"):
         Feature("c", keep="last")
+
+
+def test_an_embedding_table_too_large_to_allocate_is_named():
+    """hash_buckets with a few zeros too many was a bare 'can't allocate memory' RuntimeError."""
+    from mtlrec.models import build_model
+
+    schema = Schema([Feature("c", hash_buckets=10**11)], [Task("y")])
+    frame = pd.DataFrame({"c": ["a", "b"], "y": [0, 1]})
+    enc = Encoder(schema).fit(frame)
+    with pytest.raises(ConfigError, match=r"embedding table of 100,000,000,00\d rows x 16"):
+        build_model("shared-bottom", schema, enc.layout(), {"embed_dim": 16})

@@ -62,6 +62,13 @@ def test_schema_yaml_file_is_read(tmp_path):
         ({"features": [{"name": "a"}], "tasks": [{"name": "y", "weight": -1}]}, ">= 0"),
         ({"features": [{"name": "a"}], "tasks": [{"name": "y", "weight": float("nan")}]}, "finite"),
         ({"features": [{"name": "a"}], "tasks": [{"name": "y", "weight": "abc"}]}, "'abc'"),
+        (
+            {
+                "features": [{"name": "s", "type": "sequence", "max_len": 10**8}],
+                "tasks": [{"name": "y"}],
+            },
+            "max_len must be between 1 and 10,000",
+        ),
         (  # pred_buy_joint would be two columns: one prediction silently lost
             {
                 "features": [{"name": "a"}],

@@ -12,6 +12,7 @@ from torch import nn
 
 from mtlrec.data.encoder import InputLayout
 from mtlrec.data.table import TensorTable
+from mtlrec.errors import ConfigError
 
 
 class InputEmbedding(nn.Module):
@@ -25,7 +26,15 @@ class InputEmbedding(nn.Module):
         super().__init__()
         self.layout = layout
         self.embed_dim = embed_dim
-        self.table = nn.Embedding(layout.vocab_size, embed_dim, padding_idx=0, sparse=sparse)
+        try:
+            self.table = nn.Embedding(layout.vocab_size, embed_dim, padding_idx=0, sparse=sparse)
+        except RuntimeError as exc:  # "can't allocate memory": hash_buckets with a zero too many
+            gigabytes = layout.vocab_size * embed_dim * 4 / 1e9
+            raise ConfigError(
+                f"the embedding table of {layout.vocab_size:,} rows x {embed_dim} "
+                f"({gigabytes:,.1f} GB) cannot be allocated; lower the features' hash_buckets "
+                "or model.embed_dim"
+            ) from exc
         nn.init.normal_(self.table.weight, std=0.01)
         with torch.no_grad():
             self.table.weight[0].zero_()
