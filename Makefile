@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed-stamp
 TORCH := torch==2.13.0
 export MTLREC_DATA_DIR ?= $(abspath ../shared/data)
 
-.PHONY: venv demo test lint bench-census bench-balance bench-cascade bench-speed bench-speed-gpu bench-zoo bench-sequence bench-fusion-rl bench-scale bench-serve bench-reproduce clean
+.PHONY: venv demo test lint bench-census bench-balance bench-cascade bench-speed bench-speed-gpu bench-zoo bench-sequence bench-fairness bench-fusion-rl bench-scale bench-serve bench-reproduce clean
 
 venv: $(STAMP)
 
@@ -60,6 +60,9 @@ bench-zoo: $(STAMP)
 
 bench-sequence: $(STAMP)
 	$(BIN)/python benchmarks/sequence/run.py --parallel 2
+
+bench-fairness: $(STAMP)
+	$(BIN)/python benchmarks/fairness/run.py
 
 bench-fusion-rl: $(STAMP)
 	$(BIN)/python benchmarks/fusion_rl/run.py

@@ -27,6 +27,8 @@ from tests.conftest import FUNNEL_SCHEMA, funnel_frame
 from tests.model_properties import balancer_steps
 
 MODELS = list(describe_models())
+# Options a model cannot be built without, naming features of the test schemas.
+REQUIRED_OPTIONS = {"clover": {"sensitive_feature": "item"}}
 BALANCERS = list(describe_balancers())
 STEPS = 3
 DEVICE = torch.device(os.environ.get("MTLREC_TEST_DEVICE", "cpu"))
@@ -64,7 +66,8 @@ def build_on_first_fit(name: str, funnels: dict[str, tuple], **options) -> tuple
     refusals = []
     for label, (enc, table) in funnels.items():
         try:
-            return build_model(name, enc.schema, enc.layout(), {"embed_dim": 4, **options}), table
+            merged = {"embed_dim": 4, **REQUIRED_OPTIONS.get(name, {}), **options}
+            return build_model(name, enc.schema, enc.layout(), merged), table
         except ConfigError as exc:
             refusals.append(f"{label}: {exc}")
     pytest.fail(f"model {name!r} accepts none of the test schemas: " + "; ".join(refusals))

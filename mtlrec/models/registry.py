@@ -63,6 +63,7 @@ def _load_all() -> None:
         distill,
         embedding_experts,
         experts,
+        fair_meta,
         funnel,
         hard,
         hierarchical,
