@@ -137,14 +137,7 @@ def _train_run(
     if out.exists() and not out.is_dir():
         raise ConfigError(f"--out {out}: a file is in the way; name a folder for the run")
     if resume:  # checked on rank 0, raised on every rank (none is left in a collective)
-        changes = dist.broadcast_object(_resume_changes(out, config) if main else [])
-        if changes:
-            raise ConfigError(
-                f"{out}: cannot resume a run trained with another configuration ("
-                + "; ".join(changes[:6])
-                + (f"; and {len(changes) - 6} more" if len(changes) > 6 else "")
-                + "); use a new --out, or drop --resume to start over"
-            )
+        _refuse_changes(out, "configuration", lambda: _resume_changes(out, config), main)
     if main:
         make_dir(out, "--out")
     else:
@@ -184,14 +177,7 @@ def _train_run(
         )
         train = encoder.transform(splits.train, where=_where(splits.train, "train"))
     if resume:  # the schema file may have changed under an unchanged config
-        changes = dist.broadcast_object(_resume_schema_changes(out, schema) if main else [])
-        if changes:
-            raise ConfigError(
-                f"{out}: cannot resume a run trained with another schema ("
-                + "; ".join(changes[:6])
-                + (f"; and {len(changes) - 6} more" if len(changes) > 6 else "")
-                + "); use a new --out, or drop --resume to start over"
-            )
+        _refuse_changes(out, "schema", lambda: _resume_schema_changes(out, schema), main)
     valid_where = _where(valid_frame, "valid")
     valid = encoder.transform(valid_frame, where=valid_where)
     if len(valid) == 0:
@@ -299,6 +285,19 @@ def _train_run(
         out / "history.json",
     )
     return metrics
+
+
+def _refuse_changes(out: Path, what: str, changes_of: Callable[[], list[str]], main: bool) -> None:
+    """A ConfigError listing ``changes_of()`` (computed on rank 0, raised on every rank) when
+    the checkpoint in ``out`` was trained with another ``what``."""
+    changes = dist.broadcast_object(changes_of() if main else [])
+    if changes:
+        raise ConfigError(
+            f"{out}: cannot resume a run trained with another {what} ("
+            + "; ".join(changes[:6])
+            + (f"; and {len(changes) - 6} more" if len(changes) > 6 else "")
+            + "); use a new --out, or drop --resume to start over"
+        )
 
 
 def _resume_changes(out: Path, config: dict[str, Any]) -> list[str]:
