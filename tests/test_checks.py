@@ -106,3 +106,18 @@ def test_training_prints_the_sequence_warnings(tmp_path):
     lines: list[str] = []
     train_run(config, tmp_path / "run", echo=lambda *a, **_: lines.append(" ".join(map(str, a))))
     assert any("column 'hist': 100% of rows have more than max_len=3" in line for line in lines)
+
+
+def test_a_sequence_written_with_another_separator_is_warned_about():
+    """'5;3' with sep '|' encoded silently as one token per cell."""
+    from mtlrec.data.checks import sequence_warnings
+
+    schema = Schema([Feature("tags", "sequence", max_len=4)], [Task("y")])
+    frame = pd.DataFrame({"tags": ["5;3", "1;2;7", "4", ""], "y": [0, 1, 0, 1]})
+    lines = sequence_warnings(Encoder(schema).fit(frame), frame, "train.csv")
+    assert len(lines) == 1
+    assert "column 'tags': no cell holds its separator '|', but 67% hold ';'" in lines[0]
+    frame["tags"] = ["5|3", "1;2", "4", ""]  # the declared separator occurs: no guess
+    assert sequence_warnings(Encoder(schema).fit(frame), frame, "train.csv") == []
+    frame["tags"] = ["5", "1", "4", ""]  # single tokens only: nothing to say
+    assert sequence_warnings(Encoder(schema).fit(frame), frame, "train.csv") == []

@@ -70,6 +70,8 @@ def unseen_in_file_warnings(
 
 CUT_WARN = 0.05  # warn when at least this share of rows loses tokens to max_len (keep: first)
 SHARED_WARN = 0.5  # warn when less than this share of a sharer's values occur in its owner
+SEPARATORS = ("|", ",", ";", " ", "\t", ":")  # common separators of multi-value cells
+SEPARATOR_SAMPLE = 10_000  # cells read to guess a sequence's separator
 
 
 def sequence_warnings(encoder: Encoder, frame: pd.DataFrame, where: str) -> list[str]:
@@ -80,7 +82,9 @@ def sequence_warnings(encoder: Encoder, frame: pd.DataFrame, where: str) -> list
       loses its most recent items, which sequence models rely on most;
     - a feature sharing another's vocabulary (``vocab_of``) whose values mostly do not occur in
       that feature's column: the same id written two ways (``42`` and ``42.0``) gets two rows,
-      so the history never matches the candidate."""
+      so the history never matches the candidate;
+    - a text sequence column whose cells never hold its ``sep`` but mostly hold another
+      separator: every cell is read as one token (``5;3`` with ``sep: "|"``)."""
     import numpy as np
 
     from mtlrec.data.encoder import _tokens
@@ -110,6 +114,10 @@ def sequence_warnings(encoder: Encoder, frame: pd.DataFrame, where: str) -> list
                 f"max_len={feat.max_len} tokens and keep their first {feat.max_len}; a history "
                 "written oldest first needs `keep: last` to keep its most recent items"
             )
+    for feat in schema.features_of("sequence"):
+        line = _separator_mismatch(frame[feat.source], feat.sep)
+        if line:
+            lines.append(f"warning: {where}: column {feat.source!r}: {line}")
     for feat in schema.features:
         owner = schema.vocabulary_owner(feat)
         used = values.get(feat.name)
@@ -126,3 +134,28 @@ def sequence_warnings(encoder: Encoder, frame: pd.DataFrame, where: str) -> list
                 "both write the ids the same way"
             )
     return lines
+
+
+def _separator_mismatch(column: pd.Series, sep: str) -> str | None:
+    """Why ``column`` looks written with another separator than ``sep``, or None: no non-empty
+    cell holds ``sep`` while most hold one other common separator. List cells (Parquet) are
+    already split and never checked."""
+    from mtlrec.data.encoder import _as_text
+
+    sample = column.head(SEPARATOR_SAMPLE)
+    first = sample.dropna()
+    if first.empty or not isinstance(first.iloc[0], str):
+        return None
+    text = _as_text(sample)
+    text = text[text.str.strip() != ""]
+    if text.empty or text.str.contains(sep, regex=False).any():
+        return None
+    for other in SEPARATORS:
+        share = float(text.str.contains(other, regex=False).mean()) if other != sep else 0.0
+        if share >= SHARED_WARN:
+            shown = "tab" if other == "\t" else repr(other)
+            return (
+                f"no cell holds its separator {sep!r}, but {share:.0%} hold {shown}: each cell is "
+                f"read as one token; set the feature's sep to {shown} if that is the separator"
+            )
+    return None
