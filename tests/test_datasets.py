@@ -97,6 +97,7 @@ def test_unknown_dataset_option_is_named():
         ({"n": 1.5}, "dataset.n must be an integer"),
         ({"p": "0.5x"}, "dataset.p must be a number"),
         ({"noise": True}, "dataset.noise must be a number"),
+        ({"noise": -1}, "dataset.noise: the variance of eps must be >= 0"),
     ],
 )
 def test_option_values_of_the_wrong_type_name_the_key(options, message):

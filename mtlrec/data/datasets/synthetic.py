@@ -11,6 +11,8 @@ seed, which keeps the sinusoids non-trivial.
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pandas as pd
 
@@ -28,6 +30,8 @@ def generate_mmoe(
         raise ConfigError(f"dataset.p: correlation {p} is outside [-1, 1]")
     if d < 2 or n < 1 or m < 0:
         raise ConfigError("dataset: need d >= 2, n >= 1, m >= 0")
+    if not (math.isfinite(noise) and noise >= 0):  # a variance: -1 gave NaN labels
+        raise ConfigError(f"dataset.noise: the variance of eps must be >= 0, got {noise}")
     rng = np.random.default_rng(seed)
     # Two orthonormal vectors from a QR decomposition of a random Gaussian matrix.
     q, _ = np.linalg.qr(rng.standard_normal((d, 2)))
