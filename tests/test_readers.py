@@ -148,3 +148,12 @@ def test_a_parquet_folder_file_without_a_wanted_column_is_named(tmp_path):
     with pytest.raises(DataError, match=r"part-1.parquet: missing column\(s\) 'b'"):
         read_frame(folder, columns=["a", "b"])
     assert read_frame(folder, columns=["a"])["a"].tolist() == [1, 2, 3]
+
+
+def test_a_csv_that_is_not_utf8_names_the_line(tmp_path):
+    path = tmp_path / "latin1.csv"
+    path.write_bytes("user,click\nanna,0\nren\xe9e,1\n".encode("latin-1"))
+    with pytest.raises(
+        DataError, match=r"latin1.csv: line 3 is not UTF-8 text \(byte 0xe9 at column 4\)"
+    ):
+        read_frame(path, columns=["user", "click"])

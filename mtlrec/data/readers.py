@@ -68,7 +68,9 @@ def read_frame(
                     ) from exc
     except DataError:
         raise
-    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError, EOFError) as exc:
+    except UnicodeDecodeError as exc:
+        raise DataError(f"{path}: {_first_non_utf8(path) or first_line(exc)}") from exc
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, EOFError) as exc:
         raise DataError(f"{path}: malformed file ({first_line(exc)})") from exc
     except OSError as exc:  # truncated/corrupt gzip, permission denied, ...
         raise DataError(f"{path}: cannot read ({first_line(exc)})") from exc
@@ -84,6 +86,23 @@ def read_frame(
         _check_separator(frame, columns, path, sep)
         require_columns(frame, columns, path)
     return frame
+
+
+def _first_non_utf8(path: Path) -> str | None:
+    """Where a text file first stops being UTF-8 ("line 3 is not UTF-8 text (byte 0xe9)..."),
+    read line by line; None for a compressed file (pandas' own message is kept)."""
+    if path.suffix.lower() in (".gz", ".bz2", ".xz", ".zip", ".zst"):
+        return None
+    with path.open("rb") as fh:
+        for number, line in enumerate(fh, 1):
+            try:
+                line.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                return (
+                    f"line {number} is not UTF-8 text (byte 0x{line[exc.start]:02x} at column "
+                    f"{exc.start + 1}); save the file as UTF-8"
+                )
+    return None
 
 
 def _check_separator(frame: pd.DataFrame, columns: list[str], path: Path, sep: str) -> None:
