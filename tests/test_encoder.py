@@ -386,3 +386,16 @@ def test_an_embedding_table_too_large_to_allocate_is_named():
     enc = Encoder(schema).fit(frame)
     with pytest.raises(ConfigError, match=r"embedding table of 100,000,000,00\d rows x 16"):
         build_model("shared-bottom", schema, enc.layout(), {"embed_dim": 16})
+
+
+def test_a_list_column_declared_categorical_is_named(tmp_path):
+    """A Parquet list column read as a categorical feature became one category per printed
+    list without a word."""
+    frame = pd.DataFrame({"tags": [["a", "b"], ["c"], None], "y": [0, 1, 0]})
+    frame.to_parquet(tmp_path / "t.parquet")
+    read = pd.read_parquet(tmp_path / "t.parquet")
+    schema = Schema([Feature("tags")], [Task("y")])
+    with pytest.raises(DataError, match="column 'tags' holds lists.*type: sequence"):
+        Encoder(schema).fit(read, where="t.parquet")
+    as_sequence = Schema([Feature("tags", "sequence", max_len=2)], [Task("y")])
+    assert Encoder(as_sequence).fit(read).transform(read).seq.shape == (3, 2)

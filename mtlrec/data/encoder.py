@@ -74,7 +74,7 @@ class Encoder:
                 tokens = (
                     _tokens(column, feat, where=where)
                     if feat.type == "sequence"
-                    else _as_text(column)
+                    else _categorical_text(column, feat, where)
                 )
                 counts[feat.name] = tokens.value_counts(sort=False)
         state.update(vocabulary_state(self.schema, counts))
@@ -146,7 +146,7 @@ class Encoder:
             if feat.type == "numeric":
                 local = _bucket(numeric[feat.name], self.state[feat.name]["edges"])
             else:
-                local = self._lookup(feat, _as_text(frame[feat.source]))
+                local = self._lookup(feat, _categorical_text(frame[feat.source], feat, where))
             cat[:, j] = local + offset_of[feat.name]
 
         seq_parts = [
@@ -344,6 +344,22 @@ def _vocab_ids(values: pd.Series, vocab: Any) -> np.ndarray:
         strings = strings.cast(vocab.type)
     found = pc.index_in(strings, value_set=vocab).fill_null(-1)
     return found.to_numpy(zero_copy_only=False).astype(np.int64) + 1
+
+
+def _categorical_text(column: pd.Series, feat: Feature, where: str) -> pd.Series:
+    """A categorical column as text; a column of lists or mappings (a Parquet ``list`` or
+    ``struct`` column) is an error naming it: its printed form would become one category per
+    distinct list."""
+    if column.dtype == object:
+        first = column.first_valid_index()
+        if first is not None and isinstance(column[first], list | tuple | np.ndarray | dict):
+            kind = "mappings" if isinstance(column[first], dict) else "lists"
+            raise DataError(
+                f"{where}: column {feat.source!r} holds {kind}, not single values; declare "
+                f"feature {feat.name!r} with type: sequence"
+                + (" (a list column)" if kind == "lists" else ", or flatten the column")
+            )
+    return _as_text(column)
 
 
 def _as_text(column: pd.Series) -> pd.Series:
