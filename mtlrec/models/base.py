@@ -12,6 +12,7 @@ shared ones and leave each task's own parameters with that task's gradient.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -174,6 +175,20 @@ def option_names(option: str) -> list[str]:
     """The feature names of a comma-separated model option (``item_fields: "item, tag"``),
     stripped, empty entries dropped."""
     return [n.strip() for n in option.split(",") if n.strip()]
+
+
+def checked_option_names(option: str, key: str, allowed: Sequence[str], what: str) -> list[str]:
+    """``option_names(option)``, each of which must be in ``allowed``: a ConfigError names the
+    option ``key``, the names that are not, and the choices (``what``: "a sequence feature",
+    "in the schema"...)."""
+    names = option_names(option)
+    bad = [n for n in names if n not in allowed]
+    if bad:
+        raise ConfigError(
+            f"{key}: {', '.join(map(repr, bad))} not {what}; choose from "
+            f"{', '.join(allowed) or '(none)'}"
+        )
+    return names
 
 
 def build_config(kind: type[ModelConfig], values: dict[str, Any], model: str) -> ModelConfig:

@@ -16,7 +16,7 @@ from torch import nn
 
 from mtlrec.data.table import TensorTable
 from mtlrec.errors import ConfigError
-from mtlrec.models.base import ModelConfig, ModelOutput, MTLModel, option_names
+from mtlrec.models.base import ModelConfig, ModelOutput, MTLModel, checked_option_names
 from mtlrec.models.registry import register
 from mtlrec.nn.mlp import MLP
 from mtlrec.train.fairness import CategoricalColumn, categorical_column
@@ -228,15 +228,10 @@ class Clover(MTLModel):
     def _towers(self, schema, config: CloverConfig):
         """(embedded-field indices, numeric-column indices) of the user and item towers."""
         known = [f.name for f in schema.features]
-        item = option_names(config.item_fields)
-        explicit = option_names(config.user_fields)
-        for option, names in (("model.item_fields", item), ("model.user_fields", explicit)):
-            bad = [n for n in names if n not in known]
-            if bad:
-                raise ConfigError(
-                    f"{option}: {', '.join(map(repr, bad))} not in the schema; features: "
-                    f"{', '.join(known)}"
-                )
+        item = checked_option_names(config.item_fields, "model.item_fields", known, "in the schema")
+        explicit = checked_option_names(
+            config.user_fields, "model.user_fields", known, "in the schema"
+        )
         both = sorted(set(item) & set(explicit))
         if both:
             raise ConfigError(

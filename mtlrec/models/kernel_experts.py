@@ -17,7 +17,7 @@ from torch import nn
 
 from mtlrec.data.table import TensorTable
 from mtlrec.errors import ConfigError
-from mtlrec.models.base import ModelConfig, ModelOutput, MTLModel, option_names
+from mtlrec.models.base import ModelConfig, ModelOutput, MTLModel, checked_option_names
 from mtlrec.models.registry import register
 from mtlrec.nn.experts import Experts, mix
 from mtlrec.nn.mlp import MLP
@@ -30,13 +30,7 @@ def item_field_index(names: list[str], option: str) -> list[int]:
     two-tower split: the comma-separated ``option``, or by default every field whose name
     contains "item" or "tag", or the last field when none does."""
     if option.strip():
-        wanted = option_names(option)
-        unknown = [n for n in wanted if n not in names]
-        if unknown:
-            raise ConfigError(
-                f"model.item_fields: {', '.join(unknown)} not an embedded feature; "
-                f"choose from {', '.join(names)}"
-            )
+        wanted = checked_option_names(option, "model.item_fields", names, "an embedded feature")
         return [names.index(n) for n in wanted]
     item = [i for i, n in enumerate(names) if any(w in n.lower() for w in _TAG_WORDS)]
     return item or [len(names) - 1]

@@ -17,7 +17,7 @@ from torch import nn
 
 from mtlrec.data.table import TensorTable
 from mtlrec.errors import ConfigError
-from mtlrec.models.base import ModelConfig, ModelOutput, MTLModel, option_names
+from mtlrec.models.base import ModelConfig, ModelOutput, MTLModel, checked_option_names
 from mtlrec.models.registry import register
 from mtlrec.nn.experts import Experts, Gate, experts_and_gates, mix
 from mtlrec.nn.mlp import MLP
@@ -256,26 +256,18 @@ class DMT(MTLModel):
                 f"model.num_heads: {config.num_heads} heads must divide model.embed_dim={dim}"
             )
 
-        names = {f.name for f in schema.features}
-        bias = option_names(config.bias_features)
-        unknown = [n for n in bias if n not in names]
-        if unknown:
-            raise ConfigError(
-                f"model.bias_features: {', '.join(map(repr, unknown))} not a feature of the "
-                f"schema; features are {', '.join(f.name for f in schema.features)}"
-            )
+        features = [f.name for f in schema.features]
+        bias = checked_option_names(
+            config.bias_features, "model.bias_features", features, "a feature of the schema"
+        )
         bias_set = set(bias)
         self.bias_features = tuple(bias)
         sequences = schema.features_of("sequence")
         seq_names = [f.name for f in sequences]
         if config.sequence_fields.strip():
-            wanted = option_names(config.sequence_fields)
-            bad = [n for n in wanted if n not in seq_names]
-            if bad:
-                raise ConfigError(
-                    f"model.sequence_fields: {', '.join(map(repr, bad))} not a sequence feature; "
-                    f"sequence features are {', '.join(seq_names) or '(none)'}"
-                )
+            wanted = checked_option_names(
+                config.sequence_fields, "model.sequence_fields", seq_names, "a sequence feature"
+            )
             clash = [n for n in wanted if n in bias_set]
             if clash:
                 raise ConfigError(
