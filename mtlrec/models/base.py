@@ -171,6 +171,60 @@ class MTLModel(nn.Module):
             raise ConfigError(f"model {self.name!r} needs binary tasks; {', '.join(bad)} is not")
 
 
+@dataclass(frozen=True)
+class CategoricalColumn:
+    """A categorical feature's column of ``batch.cat``: local index 0 is the out-of-vocabulary
+    bucket, 1..``size``-1 the values seen in training. A value's *group* is its local index - 1
+    (-1: unknown)."""
+
+    name: str
+    column: int
+    offset: int
+    size: int  # with the out-of-vocabulary bucket
+
+    @property
+    def num_groups(self) -> int:
+        return self.size - 1
+
+    def local(self, batch: TensorTable) -> torch.Tensor:
+        """[B] local index (0 = out of vocabulary)."""
+        return (batch.cat[:, self.column] - self.offset).clamp(0, self.size - 1)
+
+    def groups(self, batch: TensorTable) -> torch.Tensor:
+        """[B] group of every row, -1 for an out-of-vocabulary value."""
+        return self.local(batch) - 1
+
+    def with_group(self, batch: TensorTable, group: int) -> TensorTable:
+        """A copy of ``batch`` whose column holds ``group`` on every row (the counterfactual)."""
+        cat = batch.cat.clone()
+        cat[:, self.column] = self.offset + group + 1
+        return TensorTable(cat, batch.seq, batch.num, batch.labels)
+
+
+def categorical_column(
+    schema: Schema, layout: InputLayout, name: str, option: str, buckets: bool = False
+) -> CategoricalColumn:
+    """The ``batch.cat`` column of the categorical feature ``name`` (with ``buckets``, a
+    bucketised numeric feature too: its buckets are the values); a ConfigError naming ``option``
+    when it is empty, unknown or of another type."""
+    kinds = ("categorical", "numeric") if buckets else ("categorical",)
+    embedded = schema.embedded_fields()[: layout.num_categorical]  # sequence fields come after
+    usable = [f.name for f in embedded if f.type in kinds]
+    kind = "categorical (or bucketised numeric)" if buckets else "categorical"
+    if not name:
+        raise ConfigError(
+            f"{option} is required: the {kind} feature to use; choose one of: "
+            f"{', '.join(usable) or '(none)'}"
+        )
+    for j, feat in enumerate(embedded):
+        if feat.name == name and feat.type in kinds:
+            return CategoricalColumn(name, j, layout.field_offsets[j], layout.field_sizes[j])
+    raise ConfigError(
+        f"{option}: {name!r} is not a {kind} feature of the schema; choose one of: "
+        f"{', '.join(usable) or '(none)'}"
+    )
+
+
 def option_names(option: str) -> list[str]:
     """The feature names of a comma-separated model option (``item_fields: "item, tag"``),
     stripped, empty entries dropped."""

@@ -16,10 +16,16 @@ from torch import nn
 
 from mtlrec.data.table import TensorTable
 from mtlrec.errors import ConfigError
-from mtlrec.models.base import ModelConfig, ModelOutput, MTLModel, checked_option_names
+from mtlrec.models.base import (
+    CategoricalColumn,
+    ModelConfig,
+    ModelOutput,
+    MTLModel,
+    categorical_column,
+    checked_option_names,
+)
 from mtlrec.models.registry import register
 from mtlrec.nn.mlp import MLP
-from mtlrec.train.fairness import CategoricalColumn, categorical_column
 
 
 @dataclass

@@ -16,11 +16,16 @@ from torch import nn
 
 from mtlrec.data.table import TensorTable
 from mtlrec.errors import ConfigError
-from mtlrec.models.base import ModelConfig, ModelOutput, MTLModel
+from mtlrec.models.base import (
+    CategoricalColumn,
+    ModelConfig,
+    ModelOutput,
+    MTLModel,
+    categorical_column,
+)
 from mtlrec.models.registry import register
 from mtlrec.nn.experts import Experts
 from mtlrec.nn.mlp import MLP
-from mtlrec.schema import Schema
 
 INNER_PARAMS = ("all", "head")
 
@@ -35,20 +40,6 @@ class MetaHeacConfig(ModelConfig):
     scenario_feature: str = ""  # empty: no scenarios, the tasks are the schema's tasks
     max_scenarios: int = 64
     inner_params: str = "all"  # what meta-training's inner step adapts: "all" or "head"
-
-
-def scenario_column(schema: Schema, name: str) -> int:
-    """Column of ``batch.cat`` holding the scenario feature (a categorical or bucketised numeric
-    feature; ``batch.cat`` follows ``schema.embedded_fields()``, sequence fields last)."""
-    embedded = schema.embedded_fields()
-    usable = [f.name for f in embedded if f.type != "sequence"]
-    for j, feat in enumerate(embedded):
-        if feat.name == name and feat.type != "sequence":
-            return j
-    raise ConfigError(
-        f"model.scenario_feature: {name!r} is not a categorical (or bucketised numeric) feature; "
-        f"choose one of: {', '.join(usable) or '(none)'}"
-    )
 
 
 class _TaskHead(nn.Module):
@@ -126,20 +117,21 @@ class MetaHeac(MTLModel):
         self.experts = Experts(
             config.num_experts, self.embedding.output_dim, config.expert_hidden, config.dropout
         )
-        self.scenario_col: int | None = None
+        self.scenario: CategoricalColumn | None = None
         self.num_scenarios = 0
         parts = 2
         if config.scenario_feature:
-            column = scenario_column(schema, config.scenario_feature)
-            size = layout.field_sizes[column]
+            self.scenario = categorical_column(
+                schema, layout, config.scenario_feature, "model.scenario_feature", buckets=True
+            )
+            size = self.scenario.size
             if size > config.max_scenarios:
                 raise ConfigError(
                     f"model.scenario_feature: {config.scenario_feature!r} has {size} values (with "
                     f"the out-of-vocabulary bucket), more than model.max_scenarios="
                     f"{config.max_scenarios}; choose a coarser feature or raise max_scenarios"
                 )
-            self.scenario_col, self.num_scenarios = column, size
-            self.scenario_offset = layout.field_offsets[column]
+            self.num_scenarios = size
             self.scenario_embedding = nn.Embedding(size, d)
             nn.init.zeros_(self.scenario_embedding.weight)
             parts = 3
@@ -158,10 +150,7 @@ class MetaHeac(MTLModel):
     def scenario_ids(self, batch: TensorTable) -> torch.Tensor | None:
         """[B] scenario of every row (local index of the scenario feature, 0 = out of
         vocabulary), or None without a scenario feature."""
-        if self.scenario_col is None:
-            return None
-        local = batch.cat[:, self.scenario_col] - self.scenario_offset
-        return local.clamp(0, self.num_scenarios - 1)
+        return None if self.scenario is None else self.scenario.local(batch)
 
     def meta_parameter_names(self) -> list[str]:
         """Names of the parameters the inner (per-scenario) step adapts (``inner_params``)."""

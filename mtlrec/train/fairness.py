@@ -30,60 +30,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from mtlrec.data.encoder import InputLayout
 from mtlrec.data.table import TensorTable
-from mtlrec.errors import ConfigError
-from mtlrec.schema import Schema
+from mtlrec.models.base import CategoricalColumn, categorical_column
 
-
-@dataclass(frozen=True)
-class CategoricalColumn:
-    """A categorical feature's column of ``batch.cat``: local index 0 is the out-of-vocabulary
-    bucket, 1..``size``-1 the values seen in training. A value's *group* is its local index - 1
-    (-1: unknown)."""
-
-    name: str
-    column: int
-    offset: int
-    size: int  # with the out-of-vocabulary bucket
-
-    @property
-    def num_groups(self) -> int:
-        return self.size - 1
-
-    def local(self, batch: TensorTable) -> torch.Tensor:
-        """[B] local index (0 = out of vocabulary)."""
-        return (batch.cat[:, self.column] - self.offset).clamp(0, self.size - 1)
-
-    def groups(self, batch: TensorTable) -> torch.Tensor:
-        """[B] group of every row, -1 for an out-of-vocabulary value."""
-        return self.local(batch) - 1
-
-    def with_group(self, batch: TensorTable, group: int) -> TensorTable:
-        """A copy of ``batch`` whose column holds ``group`` on every row (the counterfactual)."""
-        cat = batch.cat.clone()
-        cat[:, self.column] = self.offset + group + 1
-        return TensorTable(cat, batch.seq, batch.num, batch.labels)
-
-
-def categorical_column(
-    schema: Schema, layout: InputLayout, name: str, option: str
-) -> CategoricalColumn:
-    """The column of the categorical feature ``name``; a ConfigError naming ``option`` when it
-    is empty, unknown or not categorical."""
-    usable = [f.name for f in schema.features_of("categorical")]
-    if not name:
-        raise ConfigError(
-            f"{option} is required: the categorical feature to use; choose one of: "
-            f"{', '.join(usable) or '(none)'}"
-        )
-    for j, feat in enumerate(schema.embedded_fields()):
-        if feat.name == name and feat.type == "categorical":
-            return CategoricalColumn(name, j, layout.field_offsets[j], layout.field_sizes[j])
-    raise ConfigError(
-        f"{option}: {name!r} is not a categorical feature of the schema; choose one of: "
-        f"{', '.join(usable) or '(none)'}"
-    )
+__all__ = ["CategoricalColumn", "categorical_column"]  # the measures name columns with these
 
 
 # --- per-user aggregation ------------------------------------------------------------------------
