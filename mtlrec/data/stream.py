@@ -192,31 +192,38 @@ def file_chunks(
     read_rows: int = READ_ROWS,
     exact: Sequence[str] = (),
     sep: str = ",",
+    optional: Sequence[str] = (),
 ) -> tuple[int, Iterator[tuple[str, int, pd.DataFrame]]]:
     """Like :func:`parquet_chunks` for any input of ``read_frame``: a Parquet file or folder is
     streamed, a CSV file (separated by ``sep``) is read whole as one chunk (its cells are text:
-    exact already)."""
+    exact already). An ``optional`` column the file lacks is in every chunk as missing values
+    (empty text), as an absent field of a scoring request is."""
+    present = set(file_columns(path, sep)) if optional else set()
+    absent = [c for c in optional if c not in present]
+    columns = [c for c in columns if c not in absent]
     if is_parquet(path):
-        return parquet_chunks(path, columns, read_rows, exact)
-    frame = read_frame(path, columns=list(dict.fromkeys([*columns, *exact])), sep=sep)
-    for name in dict.fromkeys(exact):
-        frame[exact_name(name)] = frame[name]
-    return len(frame), iter([(str(path), 0, frame)])
+        rows, chunks = parquet_chunks(path, columns, read_rows, exact)
+    else:
+        frame = read_frame(path, columns=list(dict.fromkeys([*columns, *exact])), sep=sep)
+        for name in dict.fromkeys(exact):
+            frame[exact_name(name)] = frame[name]
+        rows, chunks = len(frame), iter([(str(path), 0, frame)])
+    if not absent:
+        return rows, chunks
+    return rows, (
+        (where, first, frame.assign(**dict.fromkeys(absent, ""))) for where, first, frame in chunks
+    )
 
 
-def absent_training_only(
-    schema: Schema, training_only: Sequence[str], data: str | Path, sep: str
-) -> list[str]:
-    """Source columns missing from ``data`` that only training-only features read (DMT's bias
-    features): scoring fills them as missing instead of refusing the file."""
+def training_only_columns(schema: Schema, training_only: Sequence[str]) -> list[str]:
+    """Source columns that only training-only features read (DMT's bias features): scoring may
+    go without them."""
     if not training_only:
         return []
     readers: dict[str, set[str]] = {}
     for f in schema.features:
         readers.setdefault(f.source, set()).add(f.name)
-    optional = [c for c, names in readers.items() if names <= set(training_only)]
-    present = set(file_columns(data, sep)) if optional else set()
-    return [c for c in optional if c not in present]
+    return [c for c, names in readers.items() if names <= set(training_only)]
 
 
 def exact_name(column: str) -> str:

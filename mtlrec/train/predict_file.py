@@ -32,7 +32,7 @@ import pandas as pd
 from mtlrec.config import TrainConfig, separator_option
 from mtlrec.data.checks import unseen_in_file_warnings
 from mtlrec.data.encoder import Encoder
-from mtlrec.data.stream import READ_ROWS, absent_training_only, exact_name, file_chunks
+from mtlrec.data.stream import READ_ROWS, exact_name, file_chunks, training_only_columns
 from mtlrec.data.table import TensorTable
 from mtlrec.errors import ConfigError, make_dir
 from mtlrec.models import MTLModel
@@ -132,19 +132,16 @@ def predict_file(
     if clash:
         raise ConfigError(f"--keep {', '.join(clash)}: the name of a prediction column")
     columns = list(dict.fromkeys(f.source for f in encoder.schema.features))
-    absent = absent_training_only(encoder.schema, training_only, data, sep)
-    columns = [c for c in columns if c not in absent]
     csv_out = out.name.lower().endswith(".csv")
     list_seps = {f.source: f.sep for f in encoder.schema.features_of("sequence")}
-    total, chunks = file_chunks(data, columns, read_rows, exact=keep, sep=sep)
+    optional = training_only_columns(encoder.schema, training_only)  # read as missing if absent
+    total, chunks = file_chunks(data, columns, read_rows, exact=keep, sep=sep, optional=optional)
     start = time.perf_counter()
     rows = 0
     writer = _AtomicWriter(out)
     try:
         with _ProgressBar(progress, total) as advance:
             for where, first_row, frame in chunks:
-                for column in absent:  # read as missing, like an absent field in a request
-                    frame[column] = ""
                 if rows == 0 and warn is not None:
                     for line in unseen_in_file_warnings(encoder, frame, where, first_row):
                         warn(line)

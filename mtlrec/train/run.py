@@ -420,17 +420,14 @@ def _evaluate_file(
     warn: Callable[[str], None] | None,
     sep: str = ",",
 ) -> dict[str, dict[str, float]]:
-    from mtlrec.data.stream import absent_training_only, file_chunks
+    from mtlrec.data.stream import file_chunks, training_only_columns
 
-    absent = absent_training_only(encoder.schema, model.training_only_features(), data, sep)
-    columns = [c for c in encoder.schema.required_columns() if c not in absent]
-    rows, chunks = file_chunks(data, columns, sep=sep)
+    optional = training_only_columns(encoder.schema, model.training_only_features())
+    rows, chunks = file_chunks(data, encoder.schema.required_columns(), sep=sep, optional=optional)
     if rows == 0:
         raise DataError(f"{data}: no rows to evaluate")
     labels, cond, joint = [], [], []
     for where, first_row, frame in chunks:
-        for column in absent:  # read as missing, as `predict` and serving do
-            frame[column] = ""
         table = encoder.transform(frame, where=where, first_row=first_row)
         if not labels and warn is not None:
             for line in unseen_value_warnings(encoder, table, frame, where):
